@@ -1,0 +1,3 @@
+from .prototype_update_hook import PrototypeUpdateHook
+
+__all__ = ['PrototypeUpdateHook']

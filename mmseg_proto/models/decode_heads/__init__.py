@@ -1,0 +1,3 @@
+from .proto_head import ProtoHead
+
+__all__ = ['ProtoHead']

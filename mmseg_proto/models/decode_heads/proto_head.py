@@ -1,0 +1,305 @@
+"""ProtoSeg decode head: nonparametric prototypes on top of any decoder."""
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model.weight_init import trunc_normal_
+from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+from mmseg.registry import MODELS
+from mmseg.utils import ConfigType, SampleList
+from torch import Tensor
+
+from ..utils.sinkhorn import sinkhorn_knopp
+
+PROJECTIONS = ('none', 'linear', 'mlp')
+HOOK_HINT = ("add the prototype update hook to the config: "
+             "custom_hooks = [dict(type='PrototypeUpdateHook')]")
+
+
+@MODELS.register_module()
+class ProtoHead(BaseDecodeHead):
+    """ProtoSeg head ("Rethinking Semantic Segmentation: A Prototype View").
+
+    Wraps any MMSeg decode head (``decoder``) and replaces its learnable
+    classifier with ``num_classes x num_prototypes`` non-learnable prototypes
+    on the unit sphere. Per pixel: decoder features -> ``projection`` ->
+    LayerNorm (``feat_norm``) -> L2 normalisation over channels; the class
+    score is the max over the class's K cosine similarities, followed by a
+    LayerNorm over classes (``mask_norm``). During training the pixels of
+    each class are clustered onto the class's prototypes by Sinkhorn-Knopp
+    (the targets of the prototype losses), and the head collects, per
+    prototype, the sum and count of the embeddings of correctly classified
+    pixels; :class:`PrototypeUpdateHook` all-reduces them and applies the
+    momentum update after the optimizer step.
+
+    Args:
+        decoder (dict): Config of the MMSeg decode head whose features (the
+            input of its ``conv_seg``) are used, e.g.
+            ``dict(type='SegformerHead', in_channels=[...], ...)``. Its
+            ``num_classes`` is set from this head; its classifier is dropped.
+        num_classes (int): Number of classes C.
+        embed_dims (int, optional): Embedding size D. Defaults to the
+            decoder's ``channels``; must equal it when ``projection='none'``.
+        projection (str): 'none' (decoder features are the embedding; adds no
+            parameters, which is the setting that matches the paper's
+            parameter counts), 'linear' (one 1x1 conv) or 'mlp' (1x1 conv,
+            ReLU, 1x1 conv, as in the authors' HRNet code). Default: 'none'.
+        num_prototypes (int): Prototypes per class K. Default: 10.
+        momentum (float): Prototype EMA momentum mu in [0, 1]. Default: 0.999.
+        sinkhorn_epsilon (float): Sinkhorn entropy weight. Default: 0.05.
+        sinkhorn_iters (int): Sinkhorn iterations. Default: 3.
+        reference_width_norm (bool): Reproduce the authors' code, which
+            L2-normalises the projection output over the image *width* axis
+            before ``feat_norm``. Only for running converted authors'
+            checkpoints. Default: False (the paper's definition).
+        loss_decode (dict | list[dict]): Losses. Pixel losses (e.g.
+            ``CrossEntropyLoss``) act on the segmentation logits; prototype
+            losses (``PixelPrototypeContrastLoss``,
+            ``PixelPrototypeDistanceLoss``) on prototype similarities and
+            Sinkhorn targets. Default: CE + PPC (0.01) + PPD (0.001).
+        init_cfg (dict, optional): Initialisation config. Default: None.
+        **kwargs: Other :class:`BaseDecodeHead` arguments (``ignore_index``,
+            ``align_corners``, ``sampler``, ...). ``align_corners`` defaults
+            to the decoder's.
+    """
+
+    def __init__(self,
+                 decoder: ConfigType,
+                 num_classes: int,
+                 embed_dims: Optional[int] = None,
+                 projection: str = 'none',
+                 num_prototypes: int = 10,
+                 momentum: float = 0.999,
+                 sinkhorn_epsilon: float = 0.05,
+                 sinkhorn_iters: int = 3,
+                 reference_width_norm: bool = False,
+                 loss_decode: ConfigType = (
+                     dict(type='CrossEntropyLoss', loss_weight=1.0),
+                     dict(type='PixelPrototypeContrastLoss', loss_weight=0.01),
+                     dict(type='PixelPrototypeDistanceLoss',
+                          loss_weight=0.001)),
+                 init_cfg: Optional[ConfigType] = None,
+                 **kwargs) -> None:
+        _check_options(projection, num_prototypes, momentum,
+                       sinkhorn_epsilon, sinkhorn_iters)
+        if not isinstance(decoder, dict) or 'type' not in decoder:
+            raise TypeError('ProtoHead: `decoder` must be the config dict of '
+                            "an MMSeg decode head, e.g. dict(type="
+                            f"'SegformerHead', ...), got {decoder!r}")
+        decoder = copy.deepcopy(dict(decoder))
+        decoder['num_classes'] = num_classes
+        decoder.pop('loss_decode', None)
+        if isinstance(decoder['type'], str) and \
+                MODELS.get(decoder['type']) is None:
+            raise KeyError(f"ProtoHead: unknown decoder type "
+                           f"'{decoder['type']}': use a decode head "
+                           'registered in mmseg.registry.MODELS, e.g. '
+                           'FCNHead, SegformerHead, UPerHead')
+        decoder_module = MODELS.build(decoder)
+        feat_dims = decoder_module.channels
+        embed_dims = feat_dims if embed_dims is None else embed_dims
+        if projection == 'none' and embed_dims != feat_dims:
+            raise ValueError(
+                f'ProtoHead: embed_dims={embed_dims} does not match the '
+                f"decoder's channels={feat_dims}; with projection='none' the "
+                'decoder features are the embedding: set embed_dims='
+                f"{feat_dims} (or None), or use projection='linear'/'mlp'")
+        kwargs.setdefault('align_corners', decoder_module.align_corners)
+        super().__init__(
+            in_channels=feat_dims,
+            channels=embed_dims,
+            num_classes=num_classes,
+            dropout_ratio=0,
+            loss_decode=list(loss_decode) if isinstance(
+                loss_decode, tuple) else loss_decode,
+            init_cfg=init_cfg,
+            **kwargs)
+        if self.out_channels != num_classes:
+            raise ValueError('ProtoHead does not support out_channels=1 '
+                             '(binary sigmoid) heads; use num_classes=2')
+        # This head classifies by prototypes: drop the learnable classifiers
+        # (ours and the decoder's); the decoder keeps its dropout.
+        del self.conv_seg
+        decoder_module.conv_seg = nn.Identity()
+        self.decoder = decoder_module
+        self._split_losses()
+
+        self.num_prototypes = num_prototypes
+        self.momentum = momentum
+        self.sinkhorn_epsilon = sinkhorn_epsilon
+        self.sinkhorn_iters = sinkhorn_iters
+        self.reference_width_norm = reference_width_norm
+        self.projection_type = projection
+        if projection == 'none':
+            self.projection = nn.Identity()
+        elif projection == 'linear':
+            self.projection = nn.Conv2d(feat_dims, embed_dims, 1)
+        else:
+            self.projection = nn.Sequential(
+                nn.Conv2d(feat_dims, feat_dims, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(feat_dims, embed_dims, 1))
+        self.feat_norm = nn.LayerNorm(embed_dims)
+        self.mask_norm = nn.LayerNorm(num_classes)
+        prototypes = torch.zeros(num_classes, num_prototypes, embed_dims)
+        trunc_normal_(prototypes, std=0.02)
+        self.register_buffer('prototypes', F.normalize(prototypes, dim=-1))
+        # (sums, counts) collected by the last `loss` call, consumed by
+        # PrototypeUpdateHook.
+        self._proto_stats: Optional[Tuple[Tensor, Tensor]] = None
+
+    def _split_losses(self) -> None:
+        """Separate prototype losses from pixel (segmentation) losses."""
+        losses = self.loss_decode if isinstance(
+            self.loss_decode, nn.ModuleList) else [self.loss_decode]
+        pixel = [m for m in losses if not getattr(m, 'is_prototype_loss', 0)]
+        if not pixel:
+            raise ValueError('ProtoHead: loss_decode needs a pixel loss on '
+                             "the segmentation logits, e.g. dict(type="
+                             "'CrossEntropyLoss'), beside the prototype losses")
+        self.loss_decode = nn.ModuleList(pixel)
+        self.loss_proto = nn.ModuleList(
+            m for m in losses if getattr(m, 'is_prototype_loss', False))
+
+    def embed(self, inputs: Sequence[Tensor]) -> Tensor:
+        """Unit-norm pixel embeddings, channel-last: (B, H, W, D)."""
+        emb = self.projection(self.decoder(inputs))
+        if self.reference_width_norm:
+            emb = F.normalize(emb, dim=-1)
+        emb = self.feat_norm(emb.permute(0, 2, 3, 1))
+        return F.normalize(emb, dim=-1)
+
+    def _scores(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+        """Embeddings (B,H,W,D), prototype similarities (B,H,W,C*K) and
+        segmentation logits (B,C,H,W)."""
+        emb = self.embed(inputs)
+        c, k, d = self.prototypes.shape
+        sims = F.linear(emb, self.prototypes.view(c * k, d).to(emb.dtype))
+        class_scores = sims.unflatten(-1, (c, k)).amax(dim=-1)
+        seg_logits = self.mask_norm(class_scores).permute(0, 3, 1, 2)
+        return emb, sims, seg_logits
+
+    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
+        """Segmentation logits (B, C, H, W) at the decoder's resolution."""
+        return self._scores(inputs)[2]
+
+    def loss(self, inputs: Sequence[Tensor], batch_data_samples: SampleList,
+             train_cfg: ConfigType) -> Dict[str, Tensor]:
+        """Losses for one batch; also collects the prototype statistics."""
+        if self._proto_stats is not None:
+            raise RuntimeError(
+                'ProtoHead: the prototype statistics of the previous training '
+                'iteration were never applied, so the prototypes would never '
+                f'be updated; {HOOK_HINT}')
+        seg_label = self._stack_batch_gt(batch_data_samples)
+        self._check_labels(seg_label)
+        emb, sims, seg_logits = self._scores(inputs)
+        losses = self.loss_by_feat(seg_logits, batch_data_samples)
+
+        c, k = self.num_classes, self.num_prototypes
+        labels = F.interpolate(
+            seg_label.float(), size=seg_logits.shape[2:],
+            mode='nearest').long().view(-1)
+        valid = labels != self.ignore_index
+        labels = labels[valid]
+        sims = sims.reshape(-1, c, k)[valid]
+        own = sims.gather(1, labels.view(-1, 1, 1).expand(-1, 1, k))
+        assign, _ = sinkhorn_knopp(own.squeeze(1), labels, c,
+                                   self.sinkhorn_epsilon, self.sinkhorn_iters)
+        targets = labels * k + assign
+        proto_logits = sims.view(-1, c * k)
+        for loss_fn in self.loss_proto:
+            value = loss_fn(proto_logits, targets)
+            name = loss_fn.loss_name
+            losses[name] = losses[name] + value if name in losses else value
+
+        with torch.no_grad():
+            pred = seg_logits.argmax(dim=1).view(-1)[valid]
+            correct = pred == labels
+            emb = emb.reshape(-1, emb.shape[-1])[valid][correct].float()
+            hit = targets[correct]
+            sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
+            counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
+        self._proto_stats = (sums, counts)
+        return losses
+
+    def _check_labels(self, seg_label: Tensor) -> None:
+        """Raise on label values that are neither a class nor ignored."""
+        bad = (seg_label != self.ignore_index) & (
+            (seg_label < 0) | (seg_label >= self.num_classes))
+        if bool(bad.any()):
+            values = torch.unique(seg_label[bad])[:10].tolist()
+            raise ValueError(
+                f'ProtoHead: label values {values} are outside [0, '
+                f'{self.num_classes}) and are not ignore_index='
+                f'{self.ignore_index}; fix the annotations or the dataset '
+                "pipeline, or set the head's num_classes/ignore_index")
+
+    def pop_prototype_statistics(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """Take the (sums (C*K, D), counts (C*K,)) of the last ``loss``."""
+        stats, self._proto_stats = self._proto_stats, None
+        return stats
+
+    @torch.no_grad()
+    def update_prototypes(self, sums: Tensor, counts: Tensor) -> Tensor:
+        """Momentum update from per-prototype embedding sums and counts.
+
+        ``p <- normalise(mu * p + (1 - mu) * normalise(sum))`` for every
+        prototype with ``count > 0``; the others stay bit-identical.
+
+        Args:
+            sums (Tensor): (C*K, D) sums of assigned, correctly classified
+                pixel embeddings (already all-reduced across processes).
+            counts (Tensor): (C*K,) their numbers.
+
+        Returns:
+            Tensor: (C*K,) bool mask of the prototypes that were updated.
+        """
+        c, k, d = self.prototypes.shape
+        if sums.shape != (c * k, d) or counts.shape != (c * k, ):
+            raise ValueError(f'ProtoHead: statistics of shape '
+                             f'{tuple(sums.shape)}/{tuple(counts.shape)} do '
+                             f'not fit prototypes of shape {(c, k, d)}')
+        protos = self.prototypes.view(c * k, d)
+        idx = torch.nonzero(counts > 0).squeeze(1)
+        means = F.normalize(sums[idx].to(protos.dtype), dim=1)
+        moved = protos[idx].lerp_(means, 1.0 - self.momentum)
+        protos.index_copy_(0, idx, F.normalize(moved, dim=1))
+        return counts > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Refuse prototypes of another shape with a clear message."""
+        key = prefix + 'prototypes'
+        if key in state_dict and \
+                state_dict[key].shape != self.prototypes.shape:
+            c, k, d = state_dict[key].shape if state_dict[key].dim() == 3 \
+                else (None, None, None)
+            raise RuntimeError(
+                f'ProtoHead: the checkpoint holds prototypes of shape '
+                f'{tuple(state_dict[key].shape)} (num_classes={c}, '
+                f'num_prototypes={k}, embed_dims={d}) but this model has '
+                f'{tuple(self.prototypes.shape)}; set the head\'s '
+                'num_classes / num_prototypes / embed_dims to match the '
+                'checkpoint')
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_options(projection: str, num_prototypes: int, momentum: float,
+                   epsilon: float, iters: int) -> None:
+    """Validate ProtoHead options, naming the config key at fault."""
+    problems: List[str] = []
+    if projection not in PROJECTIONS:
+        problems.append(f'projection={projection!r} (use one of '
+                        f'{PROJECTIONS})')
+    if not isinstance(num_prototypes, int) or num_prototypes < 1:
+        problems.append(f'num_prototypes={num_prototypes!r} (must be an '
+                        'integer >= 1)')
+    if not 0.0 <= momentum <= 1.0:
+        problems.append(f'momentum={momentum!r} (must be in [0, 1])')
+    if not epsilon > 0:
+        problems.append(f'sinkhorn_epsilon={epsilon!r} (must be > 0)')
+    if not isinstance(iters, int) or iters < 1:
+        problems.append(f'sinkhorn_iters={iters!r} (must be an integer >= 1)')
+    if problems:
+        raise ValueError('ProtoHead: invalid ' + '; '.join(problems))

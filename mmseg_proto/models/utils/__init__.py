@@ -1,0 +1,3 @@
+from .sinkhorn import sinkhorn_knopp
+
+__all__ = ['sinkhorn_knopp']

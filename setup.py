@@ -1,0 +1,41 @@
+"""Install mmseg_proto: ProtoSeg (CVPR 2022) as an MMSegmentation 1.x plugin."""
+import os.path as osp
+import re
+
+from setuptools import find_packages, setup
+
+HERE = osp.dirname(osp.abspath(__file__))
+
+
+def read_version() -> str:
+    with open(osp.join(HERE, 'mmseg_proto', 'version.py')) as f:
+        return re.search(r"__version__ = '([^']+)'", f.read()).group(1)
+
+
+setup(
+    name='mmseg_proto',
+    version=read_version(),
+    description='ProtoSeg (nonparametric prototype segmentation) for MMSegmentation 1.x',
+    long_description=open(osp.join(HERE, 'README.md')).read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['mmseg_proto', 'mmseg_proto.*']),
+    python_requires='>=3.8',
+    # Versions known to work together (checked on CPU, torch 2.13.0).
+    # mmcv must be the full build with compiled ops; install it first
+    # (tools/setup_env.sh builds it with --no-build-isolation).
+    install_requires=[
+        'torch>=2.0',
+        'numpy',
+        'mmcv>=2.0.0rc4,<2.2.0',
+        'mmengine>=0.10.0,<0.11',
+        'mmsegmentation==1.2.2',
+        'ftfy',  # imported unconditionally by mmseg
+        'regex',  # imported unconditionally by mmseg
+        'openmim',
+    ],
+    extras_require={
+        'tests': ['pytest', 'matplotlib'],
+    },
+    license='Apache-2.0',
+    zip_safe=False,
+)

@@ -1,0 +1,65 @@
+"""Shared helpers for the mmseg_proto tests (CPU only)."""
+import os
+import os.path as osp
+
+import pytest
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CAMVID_MINI = osp.join(REPO, 'data', 'camvid_mini')
+PROTO_CFG = osp.join(
+    REPO, 'configs/protoseg/camvid/'
+    'protoseg_segformer_mit-b0_1xb4-80it_camvid-160x160.py')
+BASELINE_CFG = osp.join(
+    REPO, 'configs/baselines/camvid/'
+    'segformer_mit-b0_1xb4-80it_camvid-160x160.py')
+
+os.environ.setdefault('OMP_NUM_THREADS', '2')
+torch.set_num_threads(2)
+
+import mmseg_proto  # noqa: E402,F401
+from mmengine.registry import init_default_scope  # noqa: E402
+
+# Build transforms and models the way a config run does (scope 'mmseg').
+init_default_scope('mmseg')
+
+
+def make_head(num_classes=4, channels=8, num_prototypes=3, **kwargs):
+    """A ProtoHead on an FCNHead decoder that passes features through."""
+    import mmseg_proto  # noqa: F401
+    from mmseg.registry import MODELS
+    cfg = dict(
+        type='ProtoHead',
+        num_classes=num_classes,
+        num_prototypes=num_prototypes,
+        decoder=dict(
+            type='FCNHead',
+            in_channels=channels,
+            channels=channels,
+            num_convs=0,
+            concat_input=False,
+            dropout_ratio=0.0,
+            in_index=0))
+    cfg.update(kwargs)
+    return MODELS.build(cfg)
+
+
+def make_samples(labels):
+    """SegDataSamples from a (B, H, W) int tensor of labels."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    samples = []
+    for lab in labels:
+        s = SegDataSample()
+        s.gt_sem_seg = PixelData(data=lab[None].long())
+        s.set_metainfo(dict(img_shape=tuple(lab.shape),
+                            ori_shape=tuple(lab.shape),
+                            pad_shape=tuple(lab.shape)))
+        samples.append(s)
+    return samples
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield

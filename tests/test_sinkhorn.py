@@ -1,0 +1,108 @@
+"""Tests of the batched Sinkhorn-Knopp clustering."""
+import pytest
+import torch
+
+from mmseg_proto.models.utils import sinkhorn_knopp
+
+
+def reference_per_class(sims, labels, num_classes, eps=0.05, iters=3):
+    """The reference code's structure: one small solve per class, fp64."""
+    out = torch.zeros(len(labels), dtype=torch.long)
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).squeeze(1)
+        if len(idx) == 0:
+            continue
+        q = torch.exp(sims[idx].double() / eps).t()  # K x B
+        k, b = q.shape
+        q /= q.sum()
+        for _ in range(iters):
+            q /= q.sum(dim=1, keepdim=True)
+            q /= k
+            q /= q.sum(dim=0, keepdim=True)
+            q /= b
+        q *= b
+        out[idx] = q.t().argmax(dim=1)
+    return out
+
+
+@pytest.mark.parametrize('num_classes,k,n', [(3, 4, 300), (19, 10, 2000),
+                                             (40, 10, 500)])
+def test_matches_per_class_reference(num_classes, k, n):
+    g = torch.Generator().manual_seed(num_classes * 7 + k)
+    sims = torch.rand(n, k, generator=g) * 2 - 1
+    labels = torch.randint(0, num_classes, (n, ), generator=g)
+    assign, transport = sinkhorn_knopp(sims.double(), labels, num_classes)
+    expected = reference_per_class(sims, labels, num_classes)
+    assert torch.equal(assign, expected)
+    # Every pixel fully assigned.
+    torch.testing.assert_close(transport.sum(1),
+                               torch.ones(n, dtype=transport.dtype))
+    # fp32 gives the same assignments on these inputs.
+    assign32, _ = sinkhorn_knopp(sims, labels, num_classes)
+    assert (assign32 == expected).float().mean() > 0.999
+
+
+def test_balanced_partition_when_pixels_plentiful():
+    g = torch.Generator().manual_seed(1)
+    k, n = 5, 5000
+    # Biased similarities: plain argmax puts almost everything on prototype 0.
+    sims = (torch.rand(n, k, generator=g) * 0.2 + 0.5)
+    sims[:, 0] += 0.1
+    labels = torch.zeros(n, dtype=torch.long)
+    assert torch.bincount(sims.argmax(1), minlength=k)[0] > 0.6 * n
+    assign, transport = sinkhorn_knopp(sims, labels, 1, num_iters=10)
+    counts = torch.bincount(assign, minlength=k).float()
+    assert counts.min() > 0.6 * n / k and counts.max() < 1.4 * n / k
+    # Soft transport is balanced per prototype.
+    torch.testing.assert_close(transport.sum(0), torch.full((k, ), n / k),
+                               rtol=0.05, atol=0)
+
+
+def test_balanced_per_class_with_reference_iterations():
+    g = torch.Generator().manual_seed(2)
+    sims = torch.nn.functional.normalize(torch.randn(4000, 16, generator=g),
+                                         dim=1) @ torch.nn.functional.normalize(
+                                             torch.randn(16, 10, generator=g),
+                                             dim=0)
+    labels = torch.randint(0, 4, (4000, ), generator=g)
+    assign, _ = sinkhorn_knopp(sims, labels, 4)
+    for c in range(4):
+        counts = torch.bincount(assign[labels == c], minlength=10).float()
+        n_c = (labels == c).sum().item()
+        assert counts.min() > 0.5 * n_c / 10, counts
+        assert counts.max() < 1.5 * n_c / 10, counts
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16,
+                                   torch.bfloat16])
+def test_no_overflow_near_unit_similarities(dtype):
+    sims = torch.tensor([[1.0, 0.9999, -1.0], [-1.0, 1.0, 1.0],
+                         [0.99, 0.98, 1.0]] * 50).to(dtype)
+    labels = torch.tensor([0, 1, 2] * 50)
+    assign, transport = sinkhorn_knopp(sims, labels, 5, epsilon=0.01)
+    assert torch.isfinite(transport).all()
+    assert transport.dtype == torch.float32
+    assert assign.min() >= 0 and assign.max() < 3
+
+
+def test_single_pixel_absent_classes_and_empty():
+    one = torch.tensor([[0.1, 0.7, 0.3]])
+    assign, transport = sinkhorn_knopp(one, torch.tensor([6]), 150)
+    # A lone pixel is split evenly over the prototypes (balanced partition),
+    # exactly as in the per-class reference.
+    assert assign.tolist() == reference_per_class(one, torch.tensor([6]),
+                                                  150).tolist()
+    torch.testing.assert_close(transport.sum(), torch.tensor(1.0))
+    assign, transport = sinkhorn_knopp(torch.zeros(0, 4),
+                                       torch.zeros(0, dtype=torch.long), 3)
+    assert assign.shape == (0, ) and transport.shape == (0, 4)
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match='epsilon'):
+        sinkhorn_knopp(torch.zeros(2, 2), torch.zeros(2), 1, epsilon=0)
+    with pytest.raises(ValueError, match='num_iters'):
+        sinkhorn_knopp(torch.zeros(2, 2), torch.zeros(2), 1, num_iters=0)
+    with pytest.raises(ValueError, match='expected'):
+        sinkhorn_knopp(torch.zeros(2, 2), torch.zeros(3), 1)
+
