@@ -28,7 +28,7 @@ class PrototypeUpdateHook(Hook):
     Args:
         log_interval (int): Every how many iterations to log prototype
             diagnostics (share of prototypes updated, mean prototype
-            movement as 1 - cosine) to the message hub. 0 disables.
+            movement in degrees) to the message hub. 0 disables.
             Default: 50.
         priority (str | int): Hook priority. It must run before
             ``CheckpointHook`` so that saved prototypes include this
@@ -79,11 +79,12 @@ class PrototypeUpdateHook(Hook):
             updated = head.update_prototypes(sums, counts)
             if before is not None:
                 tag = 'train/proto' if i == 0 else f'train/proto{i}'
-                shift = 1 - (before * head.prototypes).sum(-1).flatten()
+                cos = (before * head.prototypes).sum(-1).clamp(-1, 1)
+                shift = torch.rad2deg(torch.acos(cos)).flatten()
                 hub = runner.message_hub
                 hub.update_scalar(f'{tag}_updated',
                                   updated.float().mean().item())
-                hub.update_scalar(f'{tag}_shift', shift.mean().item())
+                hub.update_scalar(f'{tag}_shift_deg', shift.mean().item())
 
     def _log_now(self, runner) -> bool:
         return self.log_interval > 0 and self.every_n_train_iters(
