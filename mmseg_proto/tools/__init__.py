@@ -1,0 +1,1 @@
+"""Command-line entry points of mmseg_proto (``python -m mmseg_proto.tools.X``)."""
