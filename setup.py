@@ -34,7 +34,10 @@ setup(
         'openmim',
     ],
     extras_require={
-        'tests': ['pytest', 'matplotlib'],
+        'tests': ['pytest', 'matplotlib', 'scikit-learn'],
+        # tools/vis_prototype_similarity.py, tools/vis_embedding.py
+        # (scikit-learn only for --method tsne).
+        'vis': ['matplotlib', 'scikit-learn'],
     },
     license='Apache-2.0',
     zip_safe=False,

@@ -1,5 +1,5 @@
 """Hook applying ProtoSeg's momentum prototype update every iteration."""
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from mmengine.dist import all_reduce, get_world_size
@@ -25,11 +25,28 @@ class PrototypeUpdateHook(Hook):
 
     Use it through ``custom_hooks = [dict(type='PrototypeUpdateHook')]``.
 
+    Diagnostics (message hub, hence console, JSON log and TensorBoard;
+    names free of 'loss' so MMSeg does not add them to the total loss), for
+    the decode head (``train/proto_*``; auxiliary ProtoHeads get
+    ``train/proto1_*``, ...), from the iteration they are logged at:
+
+    - ``proto_updated``: share of all prototypes updated (had >= 1 correctly
+      classified assigned pixel);
+    - ``proto_shift_deg``: mean angle a prototype moved by the update;
+    - ``proto_used``: share of the prototypes of the classes in the batch
+      that the Sinkhorn hard assignment gave >= 1 pixel;
+    - ``proto_entropy``: per class, the mean over its pixels of the entropy
+      of the Sinkhorn soft assignment divided by ``log K`` (0: each pixel on
+      one prototype, 1: spread evenly over all K), averaged over the
+      classes in the batch. With ``per_class_entropy`` the per-class values
+      go, as ``train/proto_entropy/<class>``, to the visualizer backends only
+      (``vis_data/scalars.json``, TensorBoard), not to the console.
+
     Args:
-        log_interval (int): Every how many iterations to log prototype
-            diagnostics (share of prototypes updated, mean prototype
-            movement in degrees) to the message hub. 0 disables.
-            Default: 50.
+        log_interval (int): Every how many iterations to log the prototype
+            diagnostics above. 0 disables. Default: 50.
+        per_class_entropy (bool): Also write the per-class assignment
+            entropies to the visualizer backends. Default: True.
         priority (str | int): Hook priority. It must run before
             ``CheckpointHook`` so that saved prototypes include this
             iteration's update. Default: 'ABOVE_NORMAL'.
@@ -38,11 +55,13 @@ class PrototypeUpdateHook(Hook):
     priority = 'ABOVE_NORMAL'
 
     def __init__(self, log_interval: int = 50,
-                 priority: Optional[str] = None) -> None:
+                 priority: Optional[str] = None,
+                 per_class_entropy: bool = True) -> None:
         if log_interval < 0:
             raise ValueError('PrototypeUpdateHook: log_interval must be >= 0, '
                              f'got {log_interval}')
         self.log_interval = log_interval
+        self.per_class_entropy = per_class_entropy
         if priority is not None:
             self.priority = priority
 
@@ -62,6 +81,7 @@ class PrototypeUpdateHook(Hook):
                          outputs=None) -> None:
         for i, head in enumerate(self.proto_heads(runner.model)):
             stats = head.pop_prototype_statistics()
+            assign_stats = head.pop_assignment_statistics()
             if stats is None:
                 continue
             sums, counts = stats
@@ -85,7 +105,44 @@ class PrototypeUpdateHook(Hook):
                 hub.update_scalar(f'{tag}_updated',
                                   updated.float().mean().item())
                 hub.update_scalar(f'{tag}_shift_deg', shift.mean().item())
+                if assign_stats is not None:
+                    self._log_assignments(runner, head, tag, assign_stats)
+
+    def _log_assignments(self, runner, head: ProtoHead, tag: str,
+                         stats: Dict[str, torch.Tensor]) -> None:
+        """Log ``{tag}_used`` and ``{tag}_entropy`` (see the class doc)."""
+        if get_world_size() > 1:
+            for value in stats.values():
+                all_reduce(value, op='sum')
+        pixels = stats['pixels']
+        present = pixels > 0
+        if not bool(present.any()):
+            return
+        c, k = head.num_classes, head.num_prototypes
+        used = stats['assigned'].view(c, k)[present] > 0
+        entropy = stats['entropy_sum'] / pixels.clamp(min=1)
+        hub = runner.message_hub
+        hub.update_scalar(f'{tag}_used', used.float().mean().item())
+        hub.update_scalar(f'{tag}_entropy',
+                          entropy[present].mean().item())
+        if self.per_class_entropy:
+            names = _class_names(runner, c)
+            runner.visualizer.add_scalars(
+                {f'{tag}_entropy/{names[i]}': entropy[i].item()
+                 for i in torch.nonzero(present).flatten().tolist()},
+                step=runner.iter + 1)
 
     def _log_now(self, runner) -> bool:
         return self.log_interval > 0 and self.every_n_train_iters(
             runner, self.log_interval)
+
+
+def _class_names(runner, num_classes: int) -> Sequence[str]:
+    """Class names of the training set, or '0', '1', ... if unavailable."""
+    try:
+        names = runner.train_dataloader.dataset.metainfo.get('classes')
+    except Exception:  # no dataloader or metainfo: fall back to indices
+        names = None
+    if not names or len(names) != num_classes:
+        names = [str(i) for i in range(num_classes)]
+    return names

@@ -1,5 +1,6 @@
 """ProtoSeg decode head: nonparametric prototypes on top of any decoder."""
 import copy
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -148,6 +149,9 @@ class ProtoHead(BaseDecodeHead):
         # (sums, counts) collected by the last `loss` call, consumed by
         # PrototypeUpdateHook.
         self._proto_stats: Optional[Tuple[Tensor, Tensor]] = None
+        # Detached Sinkhorn statistics of the last `loss` call, for logging
+        # by PrototypeUpdateHook (see `assignment_statistics`).
+        self._assign_stats: Optional[Dict[str, Tensor]] = None
 
     def _split_losses(self) -> None:
         """Separate prototype losses from pixel (segmentation) losses."""
@@ -205,8 +209,9 @@ class ProtoHead(BaseDecodeHead):
         labels = labels[valid]
         sims = sims.reshape(-1, c, k)[valid]
         own = sims.gather(1, labels.view(-1, 1, 1).expand(-1, 1, k))
-        assign, _ = sinkhorn_knopp(own.squeeze(1), labels, c,
-                                   self.sinkhorn_epsilon, self.sinkhorn_iters)
+        assign, transport = sinkhorn_knopp(
+            own.squeeze(1), labels, c, self.sinkhorn_epsilon,
+            self.sinkhorn_iters)
         targets = labels * k + assign
         proto_logits = sims.view(-1, c * k)
         for loss_fn in self.loss_proto:
@@ -220,12 +225,9 @@ class ProtoHead(BaseDecodeHead):
             emb = emb.reshape(-1, emb.shape[-1])[valid][correct].float()
             hit = targets[correct]
             sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
-            # A non-finite labelled pixel corrupts the Sinkhorn assignment of
-            # its whole class even when it is not counted as correct: make
-            # the sums non-finite so that PrototypeUpdateHook skips the
-            # update (on every rank, after its all-reduce); no host sync.
-            sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
             counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
+            self._assign_stats = self.assignment_statistics(
+                labels, targets, transport)
         self._proto_stats = (sums, counts)
         return losses
 
@@ -240,6 +242,37 @@ class ProtoHead(BaseDecodeHead):
                 f'{self.num_classes}) and are not ignore_index='
                 f'{self.ignore_index}; fix the annotations or the dataset '
                 "pipeline, or set the head's num_classes/ignore_index")
+
+    @torch.no_grad()
+    def assignment_statistics(self, labels: Tensor, targets: Tensor,
+                              transport: Tensor) -> Dict[str, Tensor]:
+        """Detached Sinkhorn diagnostics of one batch (for logging only).
+
+        Args:
+            labels (Tensor): (N,) class of each labelled pixel.
+            targets (Tensor): (N,) assigned prototype index ``c * K + k``.
+            transport (Tensor): (N, K) soft assignment, rows summing to 1.
+
+        Returns:
+            dict[str, Tensor]: ``entropy_sum`` (C,) per-class sum over pixels
+            of the soft-assignment entropy divided by ``log K`` (0: one-hot,
+            1: uniform over the K prototypes), ``pixels`` (C,) labelled pixels
+            per class and ``assigned`` (C*K,) pixels assigned per prototype.
+            All fp32 sums, so they can be all-reduced across processes.
+        """
+        c, k = self.num_classes, self.num_prototypes
+        t = transport.float()
+        ent = -(t * torch.log(t.clamp(min=1e-12))).sum(dim=1)
+        ent = ent / math.log(k) if k > 1 else torch.zeros_like(ent)
+        return dict(
+            entropy_sum=t.new_zeros(c).index_add_(0, labels, ent),
+            pixels=torch.bincount(labels, minlength=c).float(),
+            assigned=torch.bincount(targets, minlength=c * k).float())
+
+    def pop_assignment_statistics(self) -> Optional[Dict[str, Tensor]]:
+        """Take the :meth:`assignment_statistics` of the last ``loss``."""
+        stats, self._assign_stats = self._assign_stats, None
+        return stats
 
     def pop_prototype_statistics(self) -> Optional[Tuple[Tensor, Tensor]]:
         """Take the (sums (C*K, D), counts (C*K,)) of the last ``loss``."""
