@@ -226,6 +226,11 @@ class ProtoHead(BaseDecodeHead):
             hit = targets[correct]
             sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
             counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
+            # A non-finite labelled pixel corrupts the Sinkhorn assignment of
+            # its whole class even when it is not counted as correct: make
+            # the sums non-finite so that PrototypeUpdateHook skips the
+            # update (on every rank, after its all-reduce); no host sync.
+            sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
             self._assign_stats = self.assignment_statistics(
                 labels, targets, transport)
         self._proto_stats = (sums, counts)
