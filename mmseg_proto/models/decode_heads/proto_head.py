@@ -205,34 +205,38 @@ class ProtoHead(BaseDecodeHead):
         labels = F.interpolate(
             seg_label.float(), size=seg_logits.shape[2:],
             mode='nearest').long().view(-1)
-        valid = labels != self.ignore_index
-        labels = labels[valid]
-        sims = sims.reshape(-1, c, k)[valid]
-        own = sims.gather(1, labels.view(-1, 1, 1).expand(-1, 1, k))
-        assign, transport = sinkhorn_knopp(
-            own.squeeze(1), labels, c, self.sinkhorn_epsilon,
-            self.sinkhorn_iters)
-        targets = labels * k + assign
-        proto_logits = sims.view(-1, c * k)
+        valid = torch.nonzero(labels != self.ignore_index).squeeze(1)
+        labels_v = labels[valid]
+        # Similarities stay one (N, C*K) tensor (a view: no copy); only the
+        # K similarities of each labelled pixel to its own class are taken.
+        proto_logits = sims.reshape(-1, c * k)
+        own = proto_logits.view(-1, c, k)[valid, labels_v]
+        assign, transport = sinkhorn_knopp(own, labels_v, c,
+                                           self.sinkhorn_epsilon,
+                                           self.sinkhorn_iters)
+        # Prototype targets c * K + k in [0, C*K); -1 marks ignored pixels,
+        # so no target ever collides with an ignore label such as 255.
+        targets = torch.full_like(labels, -1)
+        targets[valid] = labels_v * k + assign
         for loss_fn in self.loss_proto:
             value = loss_fn(proto_logits, targets)
             name = loss_fn.loss_name
             losses[name] = losses[name] + value if name in losses else value
 
         with torch.no_grad():
-            pred = seg_logits.argmax(dim=1).view(-1)[valid]
-            correct = pred == labels
-            emb = emb.reshape(-1, emb.shape[-1])[valid][correct].float()
+            correct = (seg_logits.argmax(dim=1).view(-1) == labels)
+            correct[labels == self.ignore_index] = False
+            emb = emb.reshape(-1, emb.shape[-1])[correct].float()
             hit = targets[correct]
             sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
-            counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
             # A non-finite labelled pixel corrupts the Sinkhorn assignment of
             # its whole class even when it is not counted as correct: make
             # the sums non-finite so that PrototypeUpdateHook skips the
             # update (on every rank, after its all-reduce); no host sync.
             sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
+            counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
             self._assign_stats = self.assignment_statistics(
-                labels, targets, transport)
+                labels_v, targets[valid], transport)
         self._proto_stats = (sums, counts)
         return losses
 

@@ -57,12 +57,14 @@ class PixelPrototypeContrastLoss(nn.Module):
             Tensor: Weighted scalar loss (0 with a gradient path when no
             pixel is valid).
         """
-        valid = proto_targets >= 0
-        if not bool(valid.any()):
+        if not bool((proto_targets >= 0).any()):
             return proto_logits.sum() * 0.0
-        logits = proto_logits[valid].float() / self.temperature
-        return self.loss_weight * F.cross_entropy(logits,
-                                                  proto_targets[valid])
+        logits = proto_logits if self.temperature == 1.0 \
+            else proto_logits / self.temperature
+        # Negative targets are ignored in place: no copy of the (N, C*K)
+        # similarity matrix.
+        return self.loss_weight * F.cross_entropy(
+            logits.float(), proto_targets.clamp(min=-1), ignore_index=-1)
 
     @property
     def loss_name(self) -> str:

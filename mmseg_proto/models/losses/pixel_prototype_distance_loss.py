@@ -46,9 +46,10 @@ class PixelPrototypeDistanceLoss(nn.Module):
         valid = proto_targets >= 0
         if not bool(valid.any()):
             return proto_logits.sum() * 0.0
-        target_sim = proto_logits[valid].float().gather(
-            1, proto_targets[valid, None]).squeeze(1)
-        return self.loss_weight * ((1.0 - target_sim)**2).mean()
+        target_sim = proto_logits.gather(
+            1, proto_targets.clamp(min=0)[:, None]).squeeze(1).float()
+        dist = (1.0 - target_sim)**2 * valid
+        return self.loss_weight * dist.sum() / valid.sum()
 
     @property
     def loss_name(self) -> str:

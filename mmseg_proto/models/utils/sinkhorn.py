@@ -6,29 +6,20 @@ import torch
 from torch import Tensor
 
 
-def _segment_logsumexp(values: Tensor, segments: Tensor,
-                       num_segments: int) -> Tensor:
-    """``logsumexp`` over rows of ``values`` that share a segment id.
+def _segment_logsumexp(values: Tensor, lengths: Tensor) -> Tensor:
+    """``logsumexp`` over each run of consecutive rows, per column.
 
     Args:
-        values (Tensor): (N, K) values.
-        segments (Tensor): (N,) int64 segment id of each row.
-        num_segments (int): Number of segments S.
+        values (Tensor): (N, K) rows sorted by segment.
+        lengths (Tensor): (S,) positive run lengths summing to N.
 
     Returns:
-        Tensor: (S, K); ``-inf`` for segments with no rows.
+        Tensor: (S, K).
     """
-    k = values.shape[1]
-    index = segments[:, None].expand(-1, k)
-    seg_max = values.new_full((num_segments, k), float('-inf'))
-    seg_max = seg_max.scatter_reduce(0, index, values, 'amax',
-                                     include_self=True)
-    # Empty segments keep -inf; use 0 as their shift so no NaN appears.
-    shift = torch.where(torch.isfinite(seg_max), seg_max,
-                        torch.zeros_like(seg_max))
-    seg_sum = values.new_zeros((num_segments, k)).index_add_(
-        0, segments, torch.exp(values - shift[segments]))
-    return torch.log(seg_sum) + shift
+    seg_max = torch.segment_reduce(values, 'max', lengths=lengths, axis=0)
+    shifted = torch.exp(values - seg_max.repeat_interleave(lengths, dim=0))
+    seg_sum = torch.segment_reduce(shifted, 'sum', lengths=lengths, axis=0)
+    return torch.log(seg_sum) + seg_max
 
 
 def sinkhorn_knopp(similarities: Tensor,
@@ -79,17 +70,48 @@ def sinkhorn_knopp(similarities: Tensor,
                 similarities.new_zeros((0, k), dtype=dtype))
     labels = labels.long()
     with torch.autocast(similarities.device.type, enabled=False):
-        log_q = similarities.detach().to(dtype) / epsilon
-        # Pixels per class (B in the reference), for the column marginal.
-        counts = torch.bincount(labels, minlength=num_classes).to(dtype)
-        log_pixels = torch.log(counts.clamp(min=1))[labels, None]
-        log_k = math.log(k)
-        for _ in range(num_iters):
-            # Rows: every prototype of class c gets mass 1 / K.
-            log_q = log_q - _segment_logsumexp(log_q, labels,
-                                               num_classes)[labels] - log_k
-            # Columns: every pixel of class c gets mass 1 / N_c.
-            log_q = log_q - torch.logsumexp(log_q, dim=1,
-                                            keepdim=True) - log_pixels
-        transport = torch.exp(log_q + log_pixels)
+        # Sort pixels by class once: every per-class reduction becomes a
+        # reduction over a contiguous run of rows (no scatter, no loop).
+        order = torch.argsort(labels)
+        lengths = torch.bincount(labels, minlength=num_classes)
+        lengths = lengths[lengths > 0]
+        logits = similarities.detach()[order].to(dtype) / epsilon
+        pixels = lengths.to(dtype).repeat_interleave(lengths)[:, None]
+        # exp() of logits shifted by their max lies in (0, 1]; it is exact
+        # unless the spread of the logits underflows the dtype (cosines with
+        # epsilon >= 0.03 never do), else take the log-domain path.
+        limit = 80.0 if dtype == torch.float32 else 700.0
+        if float(logits.max() - logits.min()) < limit:
+            q = _sinkhorn_exp(logits, lengths, pixels, num_iters)
+        else:
+            q = _sinkhorn_log(logits, lengths, pixels, num_iters)
+        transport = torch.empty_like(q)
+        transport[order] = q * pixels
     return transport.argmax(dim=1), transport
+
+
+def _sinkhorn_exp(logits: Tensor, lengths: Tensor, pixels: Tensor,
+                  num_iters: int) -> Tensor:
+    """Sinkhorn iterations on class-sorted rows, in the exp domain."""
+    k = logits.shape[1]
+    q = torch.exp(logits - logits.max())
+    for _ in range(num_iters):
+        # Rows: every prototype of class c gets mass 1 / K.
+        rows = torch.segment_reduce(q, 'sum', lengths=lengths, axis=0)
+        q.div_(rows.repeat_interleave(lengths, dim=0).mul_(k))
+        # Columns: every pixel of class c gets mass 1 / N_c.
+        q.div_(q.sum(dim=1, keepdim=True).mul_(pixels))
+    return q
+
+
+def _sinkhorn_log(logits: Tensor, lengths: Tensor, pixels: Tensor,
+                  num_iters: int) -> Tensor:
+    """The same iterations in the log domain (any logit spread)."""
+    log_k, log_pixels = math.log(logits.shape[1]), torch.log(pixels)
+    log_q = logits
+    for _ in range(num_iters):
+        log_q = log_q - _segment_logsumexp(log_q, lengths).repeat_interleave(
+            lengths, dim=0) - log_k
+        log_q = log_q - torch.logsumexp(
+            log_q, dim=1, keepdim=True) - log_pixels
+    return torch.exp(log_q)

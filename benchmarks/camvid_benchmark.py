@@ -1,0 +1,179 @@
+"""Real-data benchmark: parametric SegFormer vs ProtoSeg on CamVid, from scratch, CPU.
+
+Trains the parametric baseline and the ProtoHead model with the same backbone (MiT-B0),
+decoder (SegformerHead), schedule, data and seeds, evaluates both on the val split with
+MMSeg's IoUMetric, and writes a Markdown table (mIoU mean and spread over seeds, per-class
+IoU, parameters, training seconds per iteration, peak memory), plus an ablation of the
+paper's Table 5 items that fit the budget (PPC/PPD on or off, K in {1, 10}).
+
+Every run is a separate process (so peak memory is per run).
+
+    python benchmarks/camvid_benchmark.py --data-root ../shared/data/camvid \
+        --iters 1000 --seeds 0 1 --out benchmarks/results/camvid
+
+Defaults take about an hour on a 2-core CPU.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import resource
+import subprocess
+import sys
+import time
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+BASELINE = osp.join(REPO, 'configs/baselines/camvid/'
+                    'segformer_mit-b0_1xb4-80it_camvid-160x160.py')
+PROTO = osp.join(REPO, 'configs/protoseg/camvid/'
+                 'protoseg_segformer_mit-b0_1xb4-80it_camvid-160x160.py')
+CE = dict(type='CrossEntropyLoss', loss_weight=1.0)
+PPC = dict(type='PixelPrototypeContrastLoss', loss_weight=0.01)
+PPD = dict(type='PixelPrototypeDistanceLoss', loss_weight=0.001)
+
+# name -> (config, ProtoHead overrides or None)
+VARIANTS = {
+    'parametric': (BASELINE, None),
+    'protoseg': (PROTO, {}),
+    'protoseg CE only': (PROTO, dict(loss_decode=[CE])),
+    'protoseg CE+PPC': (PROTO, dict(loss_decode=[CE, PPC])),
+    'protoseg CE+PPD': (PROTO, dict(loss_decode=[CE, PPD])),
+    'protoseg K=1': (PROTO, dict(num_prototypes=1)),
+}
+MAIN = ['parametric', 'protoseg']
+ABLATIONS = ['protoseg CE only', 'protoseg CE+PPC', 'protoseg CE+PPD',
+             'protoseg K=1']
+
+
+def run_one(variant: str, seed: int, iters: int, data_root: str,
+            work_dir: str) -> dict:
+    """Train and evaluate one variant in this process; return its record."""
+    import torch
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    from mmseg.evaluation import IoUMetric
+    from mmseg.registry import METRICS
+
+    @METRICS.register_module(force=True)
+    class IoUMetricKeepClasses(IoUMetric):
+        """MMSeg's IoUMetric, keeping the per-class IoU it computes."""
+        per_class = None
+
+        def compute_metrics(self, results):
+            inter = sum(r[0] for r in results)
+            union = sum(r[1] for r in results)
+            IoUMetricKeepClasses.per_class = (inter / union * 100).tolist()
+            return super().compute_metrics(results)
+
+    torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
+    cfg_path, head_opts = VARIANTS[variant]
+    cfg = Config.fromfile(cfg_path)
+    cfg.work_dir = work_dir
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].dataset.data_root = data_root
+    warm = max(1, iters // 20)
+    cfg.param_scheduler = [
+        dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0,
+             end=warm),
+        dict(type='PolyLR', eta_min=0.0, power=1.0, begin=warm, end=iters,
+             by_epoch=False)
+    ]
+    cfg.train_cfg.max_iters = iters
+    # No validation inside training (timed alone); evaluate with test().
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    cfg.default_hooks.checkpoint.interval = iters
+    cfg.default_hooks.logger.interval = 50
+    cfg.randomness = dict(seed=seed)
+    cfg.test_evaluator = dict(type='IoUMetricKeepClasses',
+                              iou_metrics=['mIoU'])
+    if head_opts:
+        cfg.model.decode_head.update(head_opts)
+    runner = Runner.from_cfg(cfg)
+    params = sum(p.numel() for p in runner.model.parameters())
+    t0 = time.perf_counter()
+    runner.train()
+    train_s = time.perf_counter() - t0
+    metrics = runner.test()
+    return dict(
+        variant=variant, seed=seed, iters=iters, mIoU=float(metrics['mIoU']),
+        aAcc=float(metrics['aAcc']), per_class=IoUMetricKeepClasses.per_class,
+        classes=list(runner.test_dataloader.dataset.metainfo['classes']),
+        params=params, s_per_iter=train_s / iters,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def aggregate(records, variants) -> str:
+    import numpy as np
+    lines = []
+    classes = records[0]['classes']
+    head = ('| model | seeds | mIoU (mean ± std) | aAcc | params (M) | '
+            's/iter | peak RSS (MB) |')
+    lines += [head, '|' + '---|' * 7]
+    per_class_rows = []
+    for v in variants:
+        rs = [r for r in records if r['variant'] == v]
+        if not rs:
+            continue
+        m = np.array([r['mIoU'] for r in rs])
+        lines.append(
+            f"| {v} | {len(rs)} | {m.mean():.2f} ± {m.std(ddof=1) if len(m) > 1 else 0:.2f}"
+            f" ({', '.join(f'{x:.2f}' for x in m)}) | "
+            f"{np.mean([r['aAcc'] for r in rs]):.2f} | "
+            f"{rs[0]['params'] / 1e6:.3f} | "
+            f"{np.median([r['s_per_iter'] for r in rs]):.3f} | "
+            f"{max(r['peak_rss_mb'] for r in rs):.0f} |")
+        pc = np.mean([r['per_class'] for r in rs], axis=0)
+        per_class_rows.append(f'| {v} | ' + ' | '.join(f'{x:.1f}' for x in pc)
+                              + ' |')
+    lines += ['', '| model | ' + ' | '.join(classes) + ' |',
+              '|' + '---|' * (len(classes) + 1)] + per_class_rows
+    return '\n'.join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--data-root',
+                   default=os.environ.get(
+                       'MMSEG_PROTO_CAMVID',
+                       osp.join(REPO, '..', 'shared', 'data', 'camvid')))
+    p.add_argument('--iters', type=int, default=1000)
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    p.add_argument('--ablation-seeds', type=int, nargs='*', default=[0])
+    p.add_argument('--out', default=osp.join(REPO, 'benchmarks', 'results',
+                                             'camvid'))
+    p.add_argument('--single', nargs=2, metavar=('VARIANT', 'SEED'),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.single:
+        variant, seed = args.single[0], int(args.single[1])
+        work = osp.join(args.out, 'work', f"{variant.replace(' ', '_')}_s{seed}")
+        rec = run_one(variant, seed, args.iters, args.data_root, work)
+        with open(osp.join(work, 'record.json'), 'w') as f:
+            json.dump(rec, f)
+        return
+    jobs = [(v, s) for s in args.seeds for v in MAIN] + [
+        (v, s) for s in args.ablation_seeds for v in ABLATIONS]
+    records = []
+    for variant, seed in jobs:
+        work = osp.join(args.out, 'work', f"{variant.replace(' ', '_')}_s{seed}")
+        rec_file = osp.join(work, 'record.json')
+        if not osp.exists(rec_file):  # resumable: finished runs are kept
+            print(f'[camvid_benchmark] {variant} seed {seed}', flush=True)
+            subprocess.run([
+                sys.executable, __file__, '--single', variant, str(seed),
+                '--iters', str(args.iters), '--data-root', args.data_root,
+                '--out', args.out
+            ], check=True, stdout=subprocess.DEVNULL)
+        with open(rec_file) as f:
+            records.append(json.load(f))
+    with open(osp.join(args.out, 'records.json'), 'w') as f:
+        json.dump(records, f, indent=1)
+    table = aggregate(records, MAIN + ABLATIONS)
+    with open(osp.join(args.out, 'results.md'), 'w') as f:
+        f.write(table + '\n')
+    print(table)
+
+
+if __name__ == '__main__':
+    main()
