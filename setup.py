@@ -34,9 +34,9 @@ setup(
         'openmim',
     ],
     extras_require={
-        'tests': ['pytest', 'matplotlib', 'scikit-learn'],
+        'tests': ['pytest', 'matplotlib'],
         # tools/vis_prototype_similarity.py, tools/vis_embedding.py
-        # (scikit-learn only for --method tsne).
+        # (scikit-learn only for --method tsne; its test is skipped without).
         'vis': ['matplotlib', 'scikit-learn'],
     },
     license='Apache-2.0',

@@ -130,23 +130,29 @@ def test_embedding_tool_pca_with_parametric(trained, tmp_path):
     proc = _run_tool('vis_embedding', PROTO_CFG, ckpt, '--parametric-config',
                      BASELINE_CFG, '--parametric-checkpoint', base_ckpt,
                      '--method', 'pca', '--classes', 'road', 'car', 'sky',
-                     '--num-images', '3', '--points-per-class', '100',
+                     '--num-images', '2', '--points-per-class', '100',
                      '--out', str(out), '--dpi', '50')
     assert 'pca' in proc.stdout
     tool = _load_tool('vis_embedding')
     _assert_size(_png(out), *tool.figure_size(2, 4.0), 50)
 
 
-def test_embedding_tool_tsne_and_errors(trained, tmp_path):
+def test_embedding_tool_tsne(trained, tmp_path):
     pytest.importorskip('sklearn')
     _, ckpt, base_ckpt = trained
     tool = _load_tool('vis_embedding')
     out = tmp_path / 'tsne.png'
     assert tool.main([PROTO_CFG, ckpt, '--method', 'tsne', '--classes',
-                      'road', 'sky', '--num-images', '2',
+                      'road', 'sky', '--num-images', '1',
                       '--points-per-class', '40', '--out', str(out),
                       '--dpi', '40', '--png-colors', '64']) == 0
     _assert_size(_png(out), *tool.figure_size(1, 4.0), 40)
+
+
+def test_embedding_tool_errors(trained, tmp_path):
+    _, ckpt, base_ckpt = trained
+    tool = _load_tool('vis_embedding')
+    out = tmp_path / 'never.png'
     with pytest.raises(ValueError, match='Unknown class'):
         tool.main([PROTO_CFG, ckpt, '--classes', 'unicorn', '--out',
                    str(out)])
@@ -156,3 +162,4 @@ def test_embedding_tool_tsne_and_errors(trained, tmp_path):
     # A checkpoint of another model is refused.
     with pytest.raises(RuntimeError, match='does not fit'):
         tool.main([PROTO_CFG, base_ckpt, '--out', str(out)])
+    assert not out.exists()
