@@ -1,0 +1,3 @@
+from .hrnet_ref_align import HRNetRefAlign
+
+__all__ = ['HRNetRefAlign']

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Convert the ProtoSeg authors' openseg checkpoint to an MMSeg checkpoint.
+
+Usage::
+
+    python tools/convert_openseg_protoseg.py \
+        hrnet_w48_proto_lr1x_hrnet_proto_80k_latest.pth converted.pth
+
+The mapping lives in :mod:`mmseg_proto.utils.convert_openseg`.
+"""
+import argparse
+import sys
+
+from mmseg_proto.utils.convert_openseg import (DEFAULT_CONFIG,
+                                               OpensegConversionError,
+                                               convert_file)
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(
+        description="Convert the ProtoSeg authors' openseg checkpoint "
+        '(tfzhou/ProtoSeg, HRNet-W48 Cityscapes) to an MMSeg checkpoint')
+    parser.add_argument('src', help='openseg checkpoint (.pth)')
+    parser.add_argument('dst', help='output MMSeg checkpoint (.pth)')
+    parser.add_argument(
+        '--config',
+        default=DEFAULT_CONFIG,
+        help='MMSeg config whose model the checkpoint must fit '
+        '(default: %(default)s)')
+    parser.add_argument(
+        '--trust-pickle',
+        action='store_true',
+        help='load SRC with torch.load(weights_only=False) if it holds '
+        'non-tensor objects; only for files you trust')
+    return parser.parse_args()
+
+
+def main() -> int:
+    """Run the conversion; exit status 1 with a message on failure."""
+    args = parse_args()
+    try:
+        convert_file(args.src, args.dst, args.config, args.trust_pickle)
+    except (OpensegConversionError, FileNotFoundError) as err:
+        print(f'convert_openseg_protoseg: error: {err}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
