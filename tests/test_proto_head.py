@@ -182,3 +182,12 @@ def test_checkpoint_round_trip_and_shape_mismatch(tmp_path, seeded):
         wrong = make_head(**kwargs)
         with pytest.raises(RuntimeError, match='num_prototypes'):
             wrong.load_state_dict(torch.load(path), strict=False)
+
+
+def test_inference_streams_images_with_identical_logits(seeded):
+    head = make_head(num_classes=4, num_prototypes=3).eval()
+    x = feats(b=3)
+    with torch.no_grad():
+        streamed = head(x)
+    full = head._scores(x)[2]
+    torch.testing.assert_close(streamed, full.detach())

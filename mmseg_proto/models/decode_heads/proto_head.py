@@ -185,8 +185,22 @@ class ProtoHead(BaseDecodeHead):
         return emb, sims, seg_logits
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        """Segmentation logits (B, C, H, W) at the decoder's resolution."""
-        return self._scores(inputs)[2]
+        """Segmentation logits (B, C, H, W) at the decoder's resolution.
+
+        Without autograd (inference) the (pixels x C*K) similarity matrix
+        is streamed one image at a time, so memory holds one image's
+        matrix, not the batch's (ADE20K-full: 8470 prototypes).
+        """
+        if torch.is_grad_enabled():
+            return self._scores(inputs)[2]
+        emb = self.embed(inputs)
+        c, k, d = self.prototypes.shape
+        protos = self.prototypes.view(c * k, d).to(emb.dtype)
+        class_scores = torch.stack([
+            F.linear(image, protos).unflatten(-1, (c, k)).amax(dim=-1)
+            for image in emb
+        ])
+        return self.mask_norm(class_scores).permute(0, 3, 1, 2)
 
     def loss(self, inputs: Sequence[Tensor], batch_data_samples: SampleList,
              train_cfg: ConfigType) -> Dict[str, Tensor]:
