@@ -24,6 +24,16 @@ from mmseg_proto.models.losses import (PixelPrototypeContrastLoss,
 from mmseg_proto.models.utils.sinkhorn import sinkhorn_knopp
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP threads
+    spin-waiting for each other make model runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def feats(b=2, c=8, h=6, w=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, c, h, w, generator=g)]
