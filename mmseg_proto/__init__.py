@@ -2,7 +2,8 @@
 
 Importing the package registers, in MMSeg's registries, ``ProtoHead``
 (MODELS), ``PixelPrototypeContrastLoss`` and ``PixelPrototypeDistanceLoss``
-(MODELS), ``PrototypeUpdateHook`` (HOOKS) and ``CamVidDataset`` (DATASETS),
+(MODELS), ``HRNetRefAlign`` (MODELS, the authors' HRNet variant for their
+checkpoint), ``PrototypeUpdateHook`` (HOOKS) and ``CamVidDataset`` (DATASETS),
 and lets torch >= 2.6 load mmengine checkpoints (see
 :mod:`mmseg_proto.utils.torch_load_compat`).
 """
@@ -15,6 +16,6 @@ from .datasets import *  # noqa: E402,F401,F403
 from .engine import *  # noqa: E402,F401,F403
 from .models import *  # noqa: E402,F401,F403
 
-__all__ = ["__version__", "CamVidDataset", "ProtoHead",
+__all__ = ["__version__", "CamVidDataset", "ProtoHead", "HRNetRefAlign",
            "PixelPrototypeContrastLoss", "PixelPrototypeDistanceLoss",
            "PrototypeUpdateHook", "sinkhorn_knopp"]
