@@ -124,3 +124,43 @@ def test_exp_and_log_domain_paths_agree_with_reference(epsilon):
         # fp64 log-domain run as the reference for tiny epsilon.
         ref64, _ = sinkhorn_knopp(sims.double(), labels, 7, epsilon=epsilon)
         assert (assign == ref64).float().mean() > 0.99
+
+
+def _two_rank_worker(rank, init_file, sims, labels, num_classes, out):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}',
+                            rank=rank, world_size=2)
+    # Rank 0 gets the first 70% of the pixels, rank 1 the rest; rank 1 also
+    # misses some classes entirely.
+    cut = int(len(labels) * 0.7)
+    part = slice(0, cut) if rank == 0 else slice(cut, None)
+    assign, _ = sinkhorn_knopp(sims[part], labels[part], num_classes,
+                               distributed=True)
+    torch.save(assign, f'{out}.{rank}')
+    # A rank with no pixel still takes part in the collectives.
+    empty = torch.zeros(0, sims.shape[1])
+    sinkhorn_knopp(empty if rank else sims[:5],
+                   labels[:0] if rank else labels[:5], num_classes,
+                   distributed=True)
+    dist.destroy_process_group()
+
+
+def test_distributed_equals_single_process_on_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+    g = torch.Generator().manual_seed(3)
+    # fp64: the only difference left is the summation order across ranks.
+    sims = torch.rand(900, 10, generator=g, dtype=torch.float64) * 2 - 1
+    labels = torch.randint(0, 8, (900, ), generator=g)
+    labels[630:][labels[630:] == 5] = 6  # class 5 only on rank 0
+    mp.spawn(_two_rank_worker,
+             args=(str(tmp_path / 'init'), sims, labels, 8,
+                   str(tmp_path / 'assign')),
+             nprocs=2)
+    together = torch.cat([torch.load(tmp_path / 'assign.0'),
+                          torch.load(tmp_path / 'assign.1')])
+    single, _ = sinkhorn_knopp(sims, labels, 8)
+    assert torch.equal(together, single)
+    # Without synchronisation each rank would balance its own pixels only.
+    local = torch.cat([sinkhorn_knopp(sims[:630], labels[:630], 8)[0],
+                       sinkhorn_knopp(sims[630:], labels[630:], 8)[0]])
+    assert not torch.equal(local, single)

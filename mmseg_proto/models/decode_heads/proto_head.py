@@ -51,6 +51,12 @@ class ProtoHead(BaseDecodeHead):
         momentum (float): Prototype EMA momentum mu in [0, 1]. Default: 0.999.
         sinkhorn_epsilon (float): Sinkhorn entropy weight. Default: 0.05.
         sinkhorn_iters (int): Sinkhorn iterations. Default: 3.
+        sync_sinkhorn (bool): In multi-process training, solve the
+            clustering over the global batch (all-reduces of (C, K) marginals
+            inside Sinkhorn), so the assignments, and hence losses and
+            prototype updates, do not depend on how the batch is split over
+            processes. False: each process clusters its own pixels, as the
+            authors' code does. Default: True.
         reference_width_norm (bool): Reproduce the authors' code, which
             L2-normalises the projection output over the image *width* axis
             before ``feat_norm``. Only for running converted authors'
@@ -75,6 +81,7 @@ class ProtoHead(BaseDecodeHead):
                  momentum: float = 0.999,
                  sinkhorn_epsilon: float = 0.05,
                  sinkhorn_iters: int = 3,
+                 sync_sinkhorn: bool = True,
                  reference_width_norm: bool = False,
                  loss_decode: ConfigType = (
                      dict(type='CrossEntropyLoss', loss_weight=1.0),
@@ -131,6 +138,7 @@ class ProtoHead(BaseDecodeHead):
         self.momentum = momentum
         self.sinkhorn_epsilon = sinkhorn_epsilon
         self.sinkhorn_iters = sinkhorn_iters
+        self.sync_sinkhorn = sync_sinkhorn
         self.reference_width_norm = reference_width_norm
         self.projection_type = projection
         if projection == 'none':
@@ -227,7 +235,8 @@ class ProtoHead(BaseDecodeHead):
         own = proto_logits.view(-1, c, k)[valid, labels_v]
         assign, transport = sinkhorn_knopp(own, labels_v, c,
                                            self.sinkhorn_epsilon,
-                                           self.sinkhorn_iters)
+                                           self.sinkhorn_iters,
+                                           distributed=self.sync_sinkhorn)
         # Prototype targets c * K + k in [0, C*K); -1 marks ignored pixels,
         # so no target ever collides with an ignore label such as 255.
         targets = torch.full_like(labels, -1)
