@@ -138,7 +138,7 @@ def _two_rank_worker(rank, init_file, sims, labels, num_classes, out):
                                distributed=True)
     torch.save(assign, f'{out}.{rank}')
     # A rank with no pixel still takes part in the collectives.
-    empty = torch.zeros(0, sims.shape[1])
+    empty = sims[:0]
     sinkhorn_knopp(empty if rank else sims[:5],
                    labels[:0] if rank else labels[:5], num_classes,
                    distributed=True)
