@@ -23,6 +23,12 @@ class _ClassRuns:
         self.lengths = counts[self.present]
         self.num_classes = num_classes
         self.distributed = distributed
+        # Pixels of each present class over all processes (B in the
+        # reference), the column marginal's denominator.
+        if distributed:
+            counts = counts.clone()
+            dist.all_reduce(counts)
+        self.class_pixels = counts[self.present]
 
     def reduce(self, values: Tensor, op: str) -> Tensor:
         """(N, K) class-sorted rows -> (S, K) per present class; op sum/max."""
@@ -93,7 +99,7 @@ def sinkhorn_knopp(similarities: Tensor,
         distributed (bool): When a process group with several processes is
             initialised, solve over the pixels of all processes together
             (the per-class prototype marginals are all-reduced each
-            iteration: 2 + num_iters all-reduces of a (C, K) tensor), so the
+            iteration: 2 + num_iters small all-reduces), so the
             assignments equal a single process's on the global batch. Every
             process must call it, even with no pixel. Default: False.
 
@@ -124,7 +130,7 @@ def sinkhorn_knopp(similarities: Tensor,
         # reduction over a contiguous run of rows (no scatter, no loop).
         runs = _ClassRuns(labels, num_classes, distributed)
         logits = similarities.detach()[runs.order].to(dtype) / epsilon
-        pixels = runs.expand(runs.lengths.to(dtype)[:, None])
+        pixels = runs.expand(runs.class_pixels.to(dtype)[:, None])
         # exp() of logits shifted by their max lies in (0, 1]; it is exact
         # unless the spread of the logits underflows the dtype (cosines with
         # epsilon >= 0.03 never do), else take the log-domain path.
