@@ -29,12 +29,13 @@ PROTO_LOSSES = [
     dict(type='PixelPrototypeContrastLoss', loss_weight=0.01),
     dict(type='PixelPrototypeDistanceLoss', loss_weight=0.001),
 ]
-# Keys a ProtoSeg config must share with its baseline: data, evaluation,
-# optimizer and schedule.
+# Keys a ProtoSeg config must share with its baseline: data, evaluation
+# (including multi-scale test), optimizer and schedule.
 SHARED_KEYS = ('train_dataloader', 'val_dataloader', 'test_dataloader',
                'val_evaluator', 'test_evaluator', 'optim_wrapper',
                'param_scheduler', 'train_cfg', 'val_cfg', 'test_cfg',
-               'default_hooks', 'env_cfg', 'default_scope')
+               'default_hooks', 'env_cfg', 'default_scope', 'tta_model',
+               'tta_pipeline')
 
 
 @functools.lru_cache(maxsize=None)
