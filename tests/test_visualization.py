@@ -6,6 +6,7 @@ import os
 import os.path as osp
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -40,6 +41,12 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp('vis')
     cfg = _cfg(PROTO_CFG, root / 'proto', 10)
     cfg.custom_hooks = [dict(type='PrototypeUpdateHook', log_interval=5)]
+    # Unique names: in one process, runners built in the same second from
+    # the same config share a MessageHub, and all configs name their
+    # visualizer 'visualizer', so a later runner would reuse an earlier
+    # one's (writing its logs to the earlier work_dir).
+    cfg.experiment_name = f'test_visualization_{uuid.uuid4().hex[:8]}'
+    cfg.visualizer.name = cfg.experiment_name
     runner = Runner.from_cfg(cfg)
     runner.train()
     from mmseg.apis import init_model
