@@ -105,6 +105,8 @@ def test_rejects_bad_arguments():
         sinkhorn_knopp(torch.zeros(2, 2), torch.zeros(2), 1, num_iters=0)
     with pytest.raises(ValueError, match='expected'):
         sinkhorn_knopp(torch.zeros(2, 2), torch.zeros(3), 1)
+    with pytest.raises(ValueError, match=r'labels must be in \[0, 3\)'):
+        sinkhorn_knopp(torch.zeros(2, 2), torch.tensor([0, 3]), 3)
 
 
 

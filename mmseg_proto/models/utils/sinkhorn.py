@@ -125,6 +125,10 @@ def sinkhorn_knopp(similarities: Tensor,
         return (labels.new_zeros(0, dtype=torch.long),
                 similarities.new_zeros((0, k), dtype=dtype))
     labels = labels.long()
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f'sinkhorn labels must be in [0, {num_classes}), got values in '
+            f'[{int(labels.min())}, {int(labels.max())}]')
     with torch.autocast(similarities.device.type, enabled=False):
         # Sort pixels by class once: every per-class reduction becomes a
         # reduction over a contiguous run of rows (no scatter, no loop).
