@@ -15,7 +15,7 @@ BASELINE_CFG = osp.join(
     'segformer_mit-b0_1xb4-80it_camvid-160x160.py')
 
 os.environ.setdefault('OMP_NUM_THREADS', '2')
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 import mmseg_proto  # noqa: E402,F401
 from mmengine.registry import init_default_scope  # noqa: E402
