@@ -76,3 +76,42 @@ def test_training_without_hook_fails_clearly(tmp_path):
     runner = Runner.from_cfg(cfg)
     with pytest.raises(RuntimeError, match='custom_hooks'):
         runner.train()
+
+
+def _sample(h, w, flip=False):
+    from mmseg.structures import SegDataSample
+    s = SegDataSample()
+    s.set_metainfo(dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                        flip=flip, img_path='frame.jpg',
+                        flip_direction='horizontal' if flip
+                        else None))
+    return s
+
+
+def test_whole_slide_and_tta_inference_with_protohead():
+    from mmengine.config import ConfigDict
+    from mmseg.registry import MODELS
+    cfg = Config.fromfile(PROTO_CFG)
+    model = MODELS.build(cfg.model).eval()
+    g = torch.Generator().manual_seed(0)
+    img = (torch.rand(3, 120, 160, generator=g) * 255).to(torch.uint8)
+    preds = {}
+    for mode in ('whole', 'slide'):
+        model.test_cfg = ConfigDict(mode=mode, crop_size=(96, 96),
+                                    stride=(64, 64))
+        with torch.no_grad():
+            out = model.test_step(
+                dict(inputs=[img], data_samples=[_sample(120, 160)]))
+        assert out[0].seg_logits.data.shape == (11, 120, 160)
+        assert out[0].pred_sem_seg.data.shape == (1, 120, 160)
+        preds[mode] = out[0].pred_sem_seg.data
+    # SegTTAModel: original + flipped view, merged.
+    model.test_cfg = ConfigDict(mode='whole')
+    tta = MODELS.build(dict(type='SegTTAModel', module=model))
+    with torch.no_grad():
+        out = tta.test_step(
+            dict(inputs=[[img], [img.flip(-1)]],
+                 data_samples=[[_sample(120, 160)],
+                               [_sample(120, 160, flip=True)]]))
+    assert out[0].pred_sem_seg.data.shape == (1, 120, 160)
+    assert int(out[0].pred_sem_seg.data.max()) < 11
