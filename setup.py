@@ -34,9 +34,9 @@ setup(
         'openmim',
     ],
     extras_require={
-        'tests': ['pytest', 'matplotlib'],
+        'tests': ['pytest', 'matplotlib', 'scikit-learn'],
         # tools/vis_prototype_similarity.py, tools/vis_embedding.py
-        # (scikit-learn only for --method tsne; its test is skipped without).
+        # (scikit-learn only for --method tsne; the tests install it too).
         'vis': ['matplotlib', 'scikit-learn'],
     },
     license='Apache-2.0',
