@@ -191,3 +191,46 @@ def test_inference_streams_images_with_identical_logits(seeded):
         streamed = head(x)
     full = head._scores(x)[2]
     torch.testing.assert_close(streamed, full.detach())
+
+
+@pytest.mark.parametrize('temperature', [1.0, 0.5])
+def test_fused_losses_equal_unfused_values_and_gradients(temperature):
+    losses_cfg = [
+        dict(type='CrossEntropyLoss', loss_weight=1.0),
+        dict(type='PixelPrototypeContrastLoss', loss_weight=0.3,
+             temperature=temperature),
+        dict(type='PixelPrototypeDistanceLoss', loss_weight=0.2),
+    ]
+    heads = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        heads[fused] = make_head(num_classes=5, num_prototypes=3,
+                                 fused_losses=fused, loss_decode=losses_cfg)
+    assert heads[True].fused_losses and not heads[False].fused_losses
+    heads[False].load_state_dict(heads[True].state_dict())
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 5, (2, 12, 10), generator=g)
+    labels[1, :4] = 255
+    out = {}
+    for fused, head in heads.items():
+        x = [t.clone().requires_grad_() for t in feats()]
+        losses = head.loss(x, make_samples(labels), None)
+        total = sum(v for n, v in losses.items() if n.startswith('loss'))
+        total.backward()
+        out[fused] = (losses, x[0].grad, head.pop_prototype_statistics())
+    for key in ('loss_ce', 'loss_ppc', 'loss_ppd', 'acc_seg'):
+        torch.testing.assert_close(out[True][0][key], out[False][0][key])
+    torch.testing.assert_close(out[True][1], out[False][1])
+    torch.testing.assert_close(out[True][2][0], out[False][2][0])
+    torch.testing.assert_close(out[True][2][1], out[False][2][1])
+
+
+def test_fused_losses_all_ignored_batch_is_finite():
+    head = make_head(num_classes=4, num_prototypes=3)
+    x = [t.requires_grad_() for t in feats()]
+    labels = torch.full((2, 6, 5), 255)
+    losses = head.loss(x, make_samples(labels), None)
+    total = sum(v for n, v in losses.items() if n.startswith('loss'))
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(x[0].grad).all()
+    assert losses['loss_ppc'] == 0 and losses['loss_ppd'] == 0

@@ -12,6 +12,8 @@ from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, SampleList
 from torch import Tensor
 
+from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
+from ..utils.fused_prototype_scores import FusedPrototypeScores
 from ..utils.sinkhorn import sinkhorn_knopp
 
 PROJECTIONS = ('none', 'linear', 'mlp')
@@ -57,6 +59,11 @@ class ProtoHead(BaseDecodeHead):
             prototype updates, do not depend on how the batch is split over
             processes. False: each process clusters its own pixels, as the
             authors' code does. Default: True.
+        fused_losses (bool): When the prototype losses are at most one
+            ``PixelPrototypeContrastLoss`` and one
+            ``PixelPrototypeDistanceLoss``, compute them and the class scores
+            with :class:`FusedPrototypeScores` (the same values and gradients,
+            fewer passes over the (N, C*K) similarities). Default: True.
         reference_width_norm (bool): Reproduce the authors' code, which
             L2-normalises the projection output over the image *width* axis
             before ``feat_norm``. Only for running converted authors'
@@ -82,6 +89,7 @@ class ProtoHead(BaseDecodeHead):
                  sinkhorn_epsilon: float = 0.05,
                  sinkhorn_iters: int = 3,
                  sync_sinkhorn: bool = True,
+                 fused_losses: bool = True,
                  reference_width_norm: bool = False,
                  loss_decode: ConfigType = (
                      dict(type='CrossEntropyLoss', loss_weight=1.0),
@@ -139,6 +147,10 @@ class ProtoHead(BaseDecodeHead):
         self.sinkhorn_epsilon = sinkhorn_epsilon
         self.sinkhorn_iters = sinkhorn_iters
         self.sync_sinkhorn = sync_sinkhorn
+        types = [type(m) for m in self.loss_proto]
+        self.fused_losses = fused_losses and len(types) == len(set(types)) \
+            and set(types) <= {PixelPrototypeContrastLoss,
+                               PixelPrototypeDistanceLoss}
         self.reference_width_norm = reference_width_norm
         self.projection_type = projection
         if projection == 'none':
@@ -182,15 +194,30 @@ class ProtoHead(BaseDecodeHead):
         emb = self.feat_norm(emb.permute(0, 2, 3, 1))
         return F.normalize(emb, dim=-1)
 
+    def _similarities(self,
+                      inputs: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Embeddings (B,H,W,D) and prototype similarities (B,H,W,C*K)."""
+        emb = self.embed(inputs)
+        c, k, d = self.prototypes.shape
+        return emb, F.linear(emb, self.prototypes.view(c * k, d).to(emb.dtype))
+
+    def _seg_logits(self, class_scores: Tensor) -> Tensor:
+        """(B,H,W,C) class scores -> contiguous (B,C,H,W) seg logits.
+
+        Contiguous NCHW at the decoder's resolution, so the upsampling for
+        the pixel losses does not copy a label-sized channels-last tensor.
+        """
+        return self.mask_norm(class_scores).permute(0, 3, 1, 2).contiguous()
+
     def _scores(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         """Embeddings (B,H,W,D), prototype similarities (B,H,W,C*K) and
         segmentation logits (B,C,H,W)."""
-        emb = self.embed(inputs)
-        c, k, d = self.prototypes.shape
-        sims = F.linear(emb, self.prototypes.view(c * k, d).to(emb.dtype))
-        class_scores = sims.unflatten(-1, (c, k)).amax(dim=-1)
-        seg_logits = self.mask_norm(class_scores).permute(0, 3, 1, 2)
-        return emb, sims, seg_logits
+        emb, sims = self._similarities(inputs)
+        c, k = self.num_classes, self.num_prototypes
+        # max() (not amax()): its backward is one scatter of the winners'
+        # gradients instead of several passes over the (N, C, K) tensor.
+        class_scores = sims.unflatten(-1, (c, k)).max(dim=-1).values
+        return emb, sims, self._seg_logits(class_scores)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         """Segmentation logits (B, C, H, W) at the decoder's resolution.
@@ -208,7 +235,7 @@ class ProtoHead(BaseDecodeHead):
             F.linear(image, protos).unflatten(-1, (c, k)).amax(dim=-1)
             for image in emb
         ])
-        return self.mask_norm(class_scores).permute(0, 3, 1, 2)
+        return self._seg_logits(class_scores)
 
     def loss(self, inputs: Sequence[Tensor], batch_data_samples: SampleList,
              train_cfg: ConfigType) -> Dict[str, Tensor]:
@@ -220,19 +247,17 @@ class ProtoHead(BaseDecodeHead):
                 f'be updated; {HOOK_HINT}')
         seg_label = self._stack_batch_gt(batch_data_samples)
         self._check_labels(seg_label)
-        emb, sims, seg_logits = self._scores(inputs)
-        losses = self.loss_by_feat(seg_logits, batch_data_samples)
-
+        emb, sims = self._similarities(inputs)
         c, k = self.num_classes, self.num_prototypes
+        b, h, w = sims.shape[:3]
         labels = F.interpolate(
-            seg_label.float(), size=seg_logits.shape[2:],
-            mode='nearest').long().view(-1)
+            seg_label.float(), size=(h, w), mode='nearest').long().view(-1)
         valid = torch.nonzero(labels != self.ignore_index).squeeze(1)
         labels_v = labels[valid]
         # Similarities stay one (N, C*K) tensor (a view: no copy); only the
         # K similarities of each labelled pixel to its own class are taken.
         proto_logits = sims.reshape(-1, c * k)
-        own = proto_logits.view(-1, c, k)[valid, labels_v]
+        own = proto_logits.detach().view(-1, c, k)[valid, labels_v]
         assign, transport = sinkhorn_knopp(own, labels_v, c,
                                            self.sinkhorn_epsilon,
                                            self.sinkhorn_iters,
@@ -241,10 +266,19 @@ class ProtoHead(BaseDecodeHead):
         # so no target ever collides with an ignore label such as 255.
         targets = torch.full_like(labels, -1)
         targets[valid] = labels_v * k + assign
-        for loss_fn in self.loss_proto:
-            value = loss_fn(proto_logits, targets)
-            name = loss_fn.loss_name
-            losses[name] = losses[name] + value if name in losses else value
+        if self.fused_losses:
+            losses = self._fused_losses(proto_logits, targets, (b, h, w),
+                                        valid.numel(), batch_data_samples)
+            seg_logits = losses.pop('seg_logits')
+        else:
+            class_scores = sims.unflatten(-1, (c, k)).max(dim=-1).values
+            seg_logits = self._seg_logits(class_scores)
+            losses = self.loss_by_feat(seg_logits, batch_data_samples)
+            for loss_fn in self.loss_proto:
+                value = loss_fn(proto_logits, targets)
+                name = loss_fn.loss_name
+                losses[name] = losses[name] + value if name in losses \
+                    else value
 
         with torch.no_grad():
             correct = (seg_logits.argmax(dim=1).view(-1) == labels)
@@ -261,6 +295,32 @@ class ProtoHead(BaseDecodeHead):
             self._assign_stats = self.assignment_statistics(
                 labels_v, targets[valid], transport)
         self._proto_stats = (sums, counts)
+        return losses
+
+    def _fused_losses(self, proto_logits: Tensor, targets: Tensor,
+                      grid: Tuple[int, int, int], num_valid: int,
+                      batch_data_samples: SampleList) -> Dict[str, Tensor]:
+        """Pixel and prototype losses through :class:`FusedPrototypeScores`.
+
+        Returns the loss dict with the segmentation logits under
+        ``'seg_logits'`` (popped by the caller).
+        """
+        ppc_fn = next((m for m in self.loss_proto
+                       if isinstance(m, PixelPrototypeContrastLoss)), None)
+        inv_t = 1.0 / ppc_fn.temperature if ppc_fn is not None else 1.0
+        class_scores, ppc, ppd = FusedPrototypeScores.apply(
+            proto_logits, targets, self.num_classes, self.num_prototypes,
+            inv_t)
+        seg_logits = self._seg_logits(
+            class_scores.view(*grid, self.num_classes))
+        losses = self.loss_by_feat(seg_logits, batch_data_samples)
+        denom = max(num_valid, 1)
+        for loss_fn in self.loss_proto:
+            per_pixel = ppc if loss_fn is ppc_fn else ppd
+            value = loss_fn.loss_weight * per_pixel.sum() / denom
+            name = loss_fn.loss_name
+            losses[name] = losses[name] + value if name in losses else value
+        losses['seg_logits'] = seg_logits
         return losses
 
     def _check_labels(self, seg_label: Tensor) -> None:
