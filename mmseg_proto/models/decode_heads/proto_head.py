@@ -196,10 +196,20 @@ class ProtoHead(BaseDecodeHead):
 
     def _similarities(self,
                       inputs: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Embeddings (B,H,W,D) and prototype similarities (B,H,W,C*K)."""
-        emb = self.embed(inputs)
+        """Embeddings (B,H,W,D) and prototype similarities (B,H,W,K*C).
+
+        Similarity columns are ordered ``k * C + c`` (prototype-major), so
+        the max over each class's K prototypes is an elementwise max of K
+        contiguous (.., C) slices, which vectorises, instead of a reduction
+        over runs of K.
+        """
+        return (emb := self.embed(inputs)), F.linear(
+            emb, self._prototype_matrix(emb.dtype))
+
+    def _prototype_matrix(self, dtype: torch.dtype) -> Tensor:
+        """Prototypes as a (K*C, D) matrix, row ``k * C + c``."""
         c, k, d = self.prototypes.shape
-        return emb, F.linear(emb, self.prototypes.view(c * k, d).to(emb.dtype))
+        return self.prototypes.transpose(0, 1).reshape(k * c, d).to(dtype)
 
     def _seg_logits(self, class_scores: Tensor) -> Tensor:
         """(B,H,W,C) class scores -> contiguous (B,C,H,W) seg logits.
@@ -214,9 +224,7 @@ class ProtoHead(BaseDecodeHead):
         segmentation logits (B,C,H,W)."""
         emb, sims = self._similarities(inputs)
         c, k = self.num_classes, self.num_prototypes
-        # max() (not amax()): its backward is one scatter of the winners'
-        # gradients instead of several passes over the (N, C, K) tensor.
-        class_scores = sims.unflatten(-1, (c, k)).max(dim=-1).values
+        class_scores = sims.unflatten(-1, (k, c)).max(dim=-2).values
         return emb, sims, self._seg_logits(class_scores)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
@@ -229,10 +237,10 @@ class ProtoHead(BaseDecodeHead):
         if torch.is_grad_enabled():
             return self._scores(inputs)[2]
         emb = self.embed(inputs)
-        c, k, d = self.prototypes.shape
-        protos = self.prototypes.view(c * k, d).to(emb.dtype)
+        c, k = self.num_classes, self.num_prototypes
+        protos = self._prototype_matrix(emb.dtype)
         class_scores = torch.stack([
-            F.linear(image, protos).unflatten(-1, (c, k)).amax(dim=-1)
+            F.linear(image, protos).unflatten(-1, (k, c)).amax(dim=-2)
             for image in emb
         ])
         return self._seg_logits(class_scores)
@@ -254,24 +262,26 @@ class ProtoHead(BaseDecodeHead):
             seg_label.float(), size=(h, w), mode='nearest').long().view(-1)
         valid = torch.nonzero(labels != self.ignore_index).squeeze(1)
         labels_v = labels[valid]
-        # Similarities stay one (N, C*K) tensor (a view: no copy); only the
+        # Similarities stay one (N, K*C) tensor (a view: no copy); only the
         # K similarities of each labelled pixel to its own class are taken.
-        proto_logits = sims.reshape(-1, c * k)
-        own = proto_logits.detach().view(-1, c, k)[valid, labels_v]
+        proto_logits = sims.reshape(-1, k * c)
+        own = proto_logits.detach().view(-1, k, c)[valid, :, labels_v]
         assign, transport = sinkhorn_knopp(own, labels_v, c,
                                            self.sinkhorn_epsilon,
                                            self.sinkhorn_iters,
                                            distributed=self.sync_sinkhorn)
-        # Prototype targets c * K + k in [0, C*K); -1 marks ignored pixels,
-        # so no target ever collides with an ignore label such as 255.
+        # Prototype targets: the similarity column k * C + c in [0, C*K);
+        # -1 marks ignored pixels, so no target ever collides with an ignore
+        # label such as 255. Statistics use the buffer's index c * K + k.
         targets = torch.full_like(labels, -1)
-        targets[valid] = labels_v * k + assign
+        targets[valid] = assign * c + labels_v
+        proto_index = labels_v * k + assign
         if self.fused_losses:
             losses = self._fused_losses(proto_logits, targets, (b, h, w),
                                         valid.numel(), batch_data_samples)
             seg_logits = losses.pop('seg_logits')
         else:
-            class_scores = sims.unflatten(-1, (c, k)).max(dim=-1).values
+            class_scores = sims.unflatten(-1, (k, c)).max(dim=-2).values
             seg_logits = self._seg_logits(class_scores)
             losses = self.loss_by_feat(seg_logits, batch_data_samples)
             for loss_fn in self.loss_proto:
@@ -281,10 +291,9 @@ class ProtoHead(BaseDecodeHead):
                     else value
 
         with torch.no_grad():
-            correct = (seg_logits.argmax(dim=1).view(-1) == labels)
-            correct[labels == self.ignore_index] = False
-            emb = emb.reshape(-1, emb.shape[-1])[correct].float()
-            hit = targets[correct]
+            correct = seg_logits.argmax(dim=1).view(-1)[valid] == labels_v
+            emb = emb.reshape(-1, emb.shape[-1])[valid[correct]].float()
+            hit = proto_index[correct]
             sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
             # A non-finite labelled pixel corrupts the Sinkhorn assignment of
             # its whole class even when it is not counted as correct: make
@@ -293,7 +302,7 @@ class ProtoHead(BaseDecodeHead):
             sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
             counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
             self._assign_stats = self.assignment_statistics(
-                labels_v, targets[valid], transport)
+                labels_v, proto_index, transport)
         self._proto_stats = (sums, counts)
         return losses
 

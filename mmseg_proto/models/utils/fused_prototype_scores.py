@@ -15,11 +15,11 @@ class FusedPrototypeScores(torch.autograd.Function):
     buffers for the max and the gather, the softmax gradient, two additions).
     This function computes the same three outputs in one forward and builds
     their summed gradient in one (N, C*K) buffer: ``softmax * g_ppc``, then
-    the target and the max winners are scattered into it. The results equal
+    the target's and the max winners' gradients are scattered into it. The results equal
     the unfused computation up to float rounding (tested).
 
-    Forward inputs: ``sims`` (N, C*K), ``targets`` (N,) int64 prototype index
-    or -1 to ignore, ``num_classes``, ``num_prototypes``, ``inv_temperature``
+    Forward inputs: ``sims`` (N, K*C) with columns ordered ``k * C + c``,
+    ``targets`` (N,) int64 column of the assigned prototype or -1 to ignore, ``num_classes``, ``num_prototypes``, ``inv_temperature``
     (1 / PPC temperature). Outputs: ``class_scores`` (N, C), and the
     per-pixel PPC and PPD terms (N,) in fp32, zero for ignored pixels.
     """
@@ -29,8 +29,11 @@ class FusedPrototypeScores(torch.autograd.Function):
                 num_prototypes: int,
                 inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
         n = sims.shape[0]
-        class_scores, winner = sims.view(n, num_classes,
-                                         num_prototypes).max(dim=-1)
+        # Columns are prototype-major (k * C + c): max over dim 1 of (N,K,C).
+        # With the winners' indices the backward is one small scatter
+        # (re-finding them by equality costs several (N, K*C) passes).
+        class_scores, winner = sims.view(n, num_prototypes,
+                                         num_classes).max(dim=1)
         valid = targets >= 0
         index = targets.clamp(min=0)[:, None]
         target_sim = sims.gather(1, index).squeeze(1).float()
@@ -40,8 +43,8 @@ class FusedPrototypeScores(torch.autograd.Function):
         ppd = (1.0 - target_sim)**2 * valid
         ctx.save_for_backward(sims, index, valid, winner, lse, target_sim)
         ctx.shape = (num_classes, num_prototypes)
-        ctx.inv_temperature = inv_temperature
         ctx.mark_non_differentiable(winner)
+        ctx.inv_temperature = inv_temperature
         return class_scores, ppc, ppd
 
     @staticmethod
@@ -66,6 +69,6 @@ class FusedPrototypeScores(torch.autograd.Function):
         at_target = -w_ppc - 2.0 * g_ppd * (1.0 - target_sim) * valid
         grad.scatter_add_(1, index, at_target[:, None])
         if g_scores is not None:  # max over K: the winners get the grads
-            grad.view(n, c, k).scatter_add_(2, winner[..., None],
-                                            g_scores.float()[..., None])
+            grad.view(n, k, c).scatter_add_(1, winner[:, None],
+                                            g_scores.float()[:, None])
         return grad.to(sims.dtype), None, None, None, None
