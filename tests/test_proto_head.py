@@ -184,7 +184,7 @@ def test_checkpoint_round_trip_and_shape_mismatch(tmp_path, seeded):
             wrong.load_state_dict(torch.load(path), strict=False)
 
 
-def test_inference_streams_images_with_identical_logits(seeded):
+def test_inference_without_similarity_matrix_gives_identical_logits(seeded):
     head = make_head(num_classes=4, num_prototypes=3).eval()
     x = feats(b=3)
     with torch.no_grad():
