@@ -234,3 +234,44 @@ def test_fused_losses_all_ignored_batch_is_finite():
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(x[0].grad).all()
     assert losses['loss_ppc'] == 0 and losses['loss_ppd'] == 0
+
+
+@pytest.mark.parametrize('temperature', [1.0, 0.5])
+def test_streamed_similarities_equal_fused_values_and_gradients(temperature):
+    losses_cfg = [
+        dict(type='CrossEntropyLoss', loss_weight=1.0),
+        dict(type='PixelPrototypeContrastLoss', loss_weight=0.3,
+             temperature=temperature),
+        dict(type='PixelPrototypeDistanceLoss', loss_weight=0.2),
+    ]
+    heads = {}
+    for chunk in (None, 7):  # 7 pixels per block: many blocks, a ragged end
+        torch.manual_seed(0)
+        heads[chunk] = make_head(num_classes=5, num_prototypes=3,
+                                 similarity_chunk=chunk,
+                                 loss_decode=losses_cfg)
+    heads[7].load_state_dict(heads[None].state_dict())
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 5, (2, 12, 10), generator=g)
+    labels[0, :3] = 255
+    out = {}
+    for chunk, head in heads.items():
+        x = [t.clone().requires_grad_() for t in feats()]
+        losses = head.loss(x, make_samples(labels), None)
+        sum(v for n, v in losses.items() if n.startswith('loss')).backward()
+        out[chunk] = (losses, x[0].grad, head.pop_prototype_statistics())
+    for key in ('loss_ce', 'loss_ppc', 'loss_ppd', 'acc_seg'):
+        torch.testing.assert_close(out[7][0][key], out[None][0][key])
+    torch.testing.assert_close(out[7][1], out[None][1])
+    torch.testing.assert_close(out[7][2][0], out[None][2][0])
+    torch.testing.assert_close(out[7][2][1], out[None][2][1])
+
+
+def test_similarity_chunk_needs_standard_losses():
+    with pytest.raises(ValueError, match='similarity_chunk'):
+        make_head(similarity_chunk=0)
+    with pytest.raises(ValueError, match='similarity_chunk'):
+        make_head(similarity_chunk=64, loss_decode=[
+            dict(type='CrossEntropyLoss'),
+            dict(type='PixelPrototypeContrastLoss'),
+            dict(type='PixelPrototypeContrastLoss', loss_name='loss_ppc2')])

@@ -13,6 +13,7 @@ from mmseg.utils import ConfigType, SampleList
 from torch import Tensor
 
 from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
+from ..utils.chunked_prototype_scores import ChunkedPrototypeScores
 from ..utils.fused_prototype_scores import FusedPrototypeScores
 from ..utils.sinkhorn import sinkhorn_knopp
 
@@ -64,6 +65,13 @@ class ProtoHead(BaseDecodeHead):
             ``PixelPrototypeDistanceLoss``, compute them and the class scores
             with :class:`FusedPrototypeScores` (the same values and gradients,
             fewer passes over the (N, C*K) similarities). Default: True.
+        similarity_chunk (int, optional): Pixels per block of the (pixels x
+            C*K) similarity matrix in training. None (default): the whole
+            batch at once (fastest). An int streams it through
+            :class:`ChunkedPrototypeScores`: memory holds one (chunk, C*K)
+            block, at the cost of one more matmul (for large C*K, e.g.
+            ADE20K-full 847 x 10, when memory is tight). Needs the standard
+            PPC/PPD losses.
         reference_width_norm (bool): Reproduce the authors' code, which
             L2-normalises the projection output over the image *width* axis
             before ``feat_norm``. Only for running converted authors'
@@ -90,6 +98,7 @@ class ProtoHead(BaseDecodeHead):
                  sinkhorn_iters: int = 3,
                  sync_sinkhorn: bool = True,
                  fused_losses: bool = True,
+                 similarity_chunk: Optional[int] = None,
                  reference_width_norm: bool = False,
                  loss_decode: ConfigType = (
                      dict(type='CrossEntropyLoss', loss_weight=1.0),
@@ -148,9 +157,17 @@ class ProtoHead(BaseDecodeHead):
         self.sinkhorn_iters = sinkhorn_iters
         self.sync_sinkhorn = sync_sinkhorn
         types = [type(m) for m in self.loss_proto]
-        self.fused_losses = fused_losses and len(types) == len(set(types)) \
-            and set(types) <= {PixelPrototypeContrastLoss,
-                               PixelPrototypeDistanceLoss}
+        standard = len(types) == len(set(types)) and set(types) <= {
+            PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss}
+        self.fused_losses = fused_losses and standard
+        if similarity_chunk is not None and (
+                not isinstance(similarity_chunk, int) or similarity_chunk < 1
+                or not standard):
+            raise ValueError(
+                f'ProtoHead: similarity_chunk={similarity_chunk!r} needs an '
+                'integer >= 1 and the standard prototype losses (at most one '
+                'PixelPrototypeContrastLoss and one PixelPrototypeDistanceLoss)')
+        self.similarity_chunk = similarity_chunk
         self.reference_width_norm = reference_width_norm
         self.projection_type = projection
         if projection == 'none':
@@ -255,17 +272,26 @@ class ProtoHead(BaseDecodeHead):
                 f'be updated; {HOOK_HINT}')
         seg_label = self._stack_batch_gt(batch_data_samples)
         self._check_labels(seg_label)
-        emb, sims = self._similarities(inputs)
+        emb = self.embed(inputs)
         c, k = self.num_classes, self.num_prototypes
-        b, h, w = sims.shape[:3]
+        b, h, w = emb.shape[:3]
         labels = F.interpolate(
             seg_label.float(), size=(h, w), mode='nearest').long().view(-1)
         valid = torch.nonzero(labels != self.ignore_index).squeeze(1)
         labels_v = labels[valid]
-        # Similarities stay one (N, K*C) tensor (a view: no copy); only the
-        # K similarities of each labelled pixel to its own class are taken.
-        proto_logits = sims.reshape(-1, k * c)
-        own = proto_logits.detach().view(-1, k, c)[valid, :, labels_v]
+        protos = self._prototype_matrix(emb.dtype)
+        if self.similarity_chunk:
+            flat_emb = emb.reshape(-1, emb.shape[-1])
+            class_scores, lse, own = ChunkedPrototypeScores.apply(
+                flat_emb, protos, labels.clamp(0, c - 1), c, k,
+                self._inv_temperature(), self.similarity_chunk)
+            own = own[valid]
+        else:
+            # Similarities stay one (N, K*C) tensor (a view: no copy); only
+            # the K similarities of each labelled pixel to its own class are
+            # taken.
+            proto_logits = F.linear(emb, protos).reshape(-1, k * c)
+            own = proto_logits.detach().view(-1, k, c)[valid, :, labels_v]
         assign, transport = sinkhorn_knopp(own, labels_v, c,
                                            self.sinkhorn_epsilon,
                                            self.sinkhorn_iters,
@@ -276,12 +302,24 @@ class ProtoHead(BaseDecodeHead):
         targets = torch.full_like(labels, -1)
         targets[valid] = assign * c + labels_v
         proto_index = labels_v * k + assign
-        if self.fused_losses:
-            losses = self._fused_losses(proto_logits, targets, (b, h, w),
-                                        valid.numel(), batch_data_samples)
-            seg_logits = losses.pop('seg_logits')
+        if self.similarity_chunk:
+            target_sim = (flat_emb * protos[targets.clamp(min=0)]).sum(
+                dim=1).float()
+            inside = targets >= 0
+            ppc = (lse - target_sim * self._inv_temperature()) * inside
+            ppd = (1.0 - target_sim)**2 * inside
+            seg_logits, losses = self._prototype_losses(
+                class_scores.view(b, h, w, c), ppc, ppd, valid.numel(),
+                batch_data_samples)
+        elif self.fused_losses:
+            class_scores, ppc, ppd = FusedPrototypeScores.apply(
+                proto_logits, targets, c, k, self._inv_temperature())
+            seg_logits, losses = self._prototype_losses(
+                class_scores.view(b, h, w, c), ppc, ppd, valid.numel(),
+                batch_data_samples)
         else:
-            class_scores = sims.unflatten(-1, (k, c)).max(dim=-2).values
+            class_scores = proto_logits.view(b, h, w, k, c).max(
+                dim=-2).values
             seg_logits = self._seg_logits(class_scores)
             losses = self.loss_by_feat(seg_logits, batch_data_samples)
             for loss_fn in self.loss_proto:
@@ -306,31 +344,28 @@ class ProtoHead(BaseDecodeHead):
         self._proto_stats = (sums, counts)
         return losses
 
-    def _fused_losses(self, proto_logits: Tensor, targets: Tensor,
-                      grid: Tuple[int, int, int], num_valid: int,
-                      batch_data_samples: SampleList) -> Dict[str, Tensor]:
-        """Pixel and prototype losses through :class:`FusedPrototypeScores`.
+    def _inv_temperature(self) -> float:
+        """1 / temperature of the PPC loss (1 without one)."""
+        ppc = next((m for m in self.loss_proto
+                    if isinstance(m, PixelPrototypeContrastLoss)), None)
+        return 1.0 / ppc.temperature if ppc is not None else 1.0
 
-        Returns the loss dict with the segmentation logits under
-        ``'seg_logits'`` (popped by the caller).
-        """
-        ppc_fn = next((m for m in self.loss_proto
-                       if isinstance(m, PixelPrototypeContrastLoss)), None)
-        inv_t = 1.0 / ppc_fn.temperature if ppc_fn is not None else 1.0
-        class_scores, ppc, ppd = FusedPrototypeScores.apply(
-            proto_logits, targets, self.num_classes, self.num_prototypes,
-            inv_t)
-        seg_logits = self._seg_logits(
-            class_scores.view(*grid, self.num_classes))
+    def _prototype_losses(self, class_scores: Tensor, ppc: Tensor,
+                          ppd: Tensor, num_valid: int,
+                          batch_data_samples: SampleList
+                          ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Seg logits and the loss dict from class scores (B,H,W,C) and the
+        per-pixel PPC and PPD terms (N,), zero for ignored pixels."""
+        seg_logits = self._seg_logits(class_scores)
         losses = self.loss_by_feat(seg_logits, batch_data_samples)
         denom = max(num_valid, 1)
         for loss_fn in self.loss_proto:
-            per_pixel = ppc if loss_fn is ppc_fn else ppd
+            per_pixel = ppc if isinstance(
+                loss_fn, PixelPrototypeContrastLoss) else ppd
             value = loss_fn.loss_weight * per_pixel.sum() / denom
             name = loss_fn.loss_name
             losses[name] = losses[name] + value if name in losses else value
-        losses['seg_logits'] = seg_logits
-        return losses
+        return seg_logits, losses
 
     def _check_labels(self, seg_label: Tensor) -> None:
         """Raise on label values that are neither a class nor ignored."""
