@@ -23,7 +23,8 @@ PAPER_M = {  # Table 4 "# Param (M)" of the classifier, D=768
     ('protoseg', 847, 10): 0.0}
 
 
-def run_case(kind, c, k, channels, size, batch, repeats, device_name):
+def run_case(kind, c, k, channels, size, batch, repeats, device_name,
+             chunk=None):
     import torch
     from mmengine.registry import init_default_scope
     from mmengine.structures import PixelData
@@ -42,7 +43,8 @@ def run_case(kind, c, k, channels, size, batch, repeats, device_name):
         cls_params = sum(p.numel() for p in head.conv_seg.parameters())
     else:
         head = MODELS.build(dict(type='ProtoHead', num_classes=c,
-                                 num_prototypes=k, decoder=decoder))
+                                 num_prototypes=k, decoder=decoder,
+                                 similarity_chunk=chunk))
         cls_params = 0  # prototypes are a buffer, not parameters
     head = head.to(device)
     total = sum(p.numel() for p in head.parameters())
@@ -103,6 +105,9 @@ def main():
     p.add_argument('--batch', type=int, default=2)
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--device', default=None)
+    p.add_argument('--chunk', type=int, default=None,
+                   help='ProtoHead similarity_chunk (pixels per block in '
+                   'training); default: whole batch')
     p.add_argument('--case', nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     import torch
@@ -110,12 +115,13 @@ def main():
     if args.case:
         kind, c, k = args.case[0], int(args.case[1]), int(args.case[2])
         print(json.dumps(run_case(kind, c, k, args.channels, args.size,
-                                  args.batch, args.repeats, device)))
+                                  args.batch, args.repeats, device,
+                                  args.chunk)))
         return
     print(f'device: {device}, decoder width {args.channels}, batch '
           f'{args.batch} at {args.size}x{args.size} (head sees '
           f'{args.batch} x {args.size // 4} x {args.size // 4} pixels), '
-          f'median of {args.repeats}')
+          f'median of {args.repeats}, similarity_chunk={args.chunk}')
     print('| model | C | K | head params (M) | classifier / prototype params '
           '(M) | paper (M) | train step (s) | inference (s) | peak memory '
           '(MB) |')
@@ -127,7 +133,8 @@ def main():
                     [sys.executable, __file__, '--case', kind, str(c), str(k),
                      '--channels', str(args.channels), '--size',
                      str(args.size), '--batch', str(args.batch), '--repeats',
-                     str(args.repeats), '--device', device],
+                     str(args.repeats), '--device', device] +
+                    (['--chunk', str(args.chunk)] if args.chunk else []),
                     check=True, capture_output=True, text=True)
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 paper = PAPER_M.get((kind, c, k))
