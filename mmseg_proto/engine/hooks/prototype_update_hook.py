@@ -77,6 +77,13 @@ class PrototypeUpdateHook(Hook):
             runner.logger.warning('PrototypeUpdateHook: the model has no '
                                   'ProtoHead; the hook does nothing.')
 
+    def before_train_iter(self, runner, batch_idx: int,
+                          data_batch=None) -> None:
+        # Sinkhorn diagnostics cost a little: only on logging iterations.
+        log_now = self._log_now(runner)
+        for head in self.proto_heads(runner.model):
+            head.collect_assignments = log_now
+
     def after_train_iter(self, runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
         for i, head in enumerate(self.proto_heads(runner.model)):

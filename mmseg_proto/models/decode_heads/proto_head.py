@@ -187,8 +187,10 @@ class ProtoHead(BaseDecodeHead):
         # PrototypeUpdateHook.
         self._proto_stats: Optional[Tuple[Tensor, Tensor]] = None
         # Detached Sinkhorn statistics of the last `loss` call, for logging
-        # by PrototypeUpdateHook (see `assignment_statistics`).
+        # by PrototypeUpdateHook (see `assignment_statistics`); computed
+        # only in iterations where the hook sets `collect_assignments`.
         self._assign_stats: Optional[Dict[str, Tensor]] = None
+        self.collect_assignments = False
 
     def _split_losses(self) -> None:
         """Separate prototype losses from pixel (segmentation) losses."""
@@ -339,8 +341,9 @@ class ProtoHead(BaseDecodeHead):
             # update (on every rank, after its all-reduce); no host sync.
             sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
             counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
-            self._assign_stats = self.assignment_statistics(
-                labels_v, proto_index, transport)
+            if self.collect_assignments:
+                self._assign_stats = self.assignment_statistics(
+                    labels_v, proto_index, transport)
         self._proto_stats = (sums, counts)
         return losses
 
