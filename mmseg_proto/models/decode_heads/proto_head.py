@@ -297,7 +297,9 @@ class ProtoHead(BaseDecodeHead):
         assign, transport = sinkhorn_knopp(own, labels_v, c,
                                            self.sinkhorn_epsilon,
                                            self.sinkhorn_iters,
-                                           distributed=self.sync_sinkhorn)
+                                           distributed=self.sync_sinkhorn,
+                                           return_transport=(
+                                               self.collect_assignments))
         # Prototype targets: the similarity column k * C + c in [0, C*K);
         # -1 marks ignored pixels, so no target ever collides with an ignore
         # label such as 255. Statistics use the buffer's index c * K + k.

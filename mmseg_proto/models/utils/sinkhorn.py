@@ -1,6 +1,6 @@
 """Batched Sinkhorn-Knopp within-class clustering for ProtoSeg."""
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,9 @@ def sinkhorn_knopp(similarities: Tensor,
                    num_classes: int,
                    epsilon: float = 0.05,
                    num_iters: int = 3,
-                   distributed: bool = False) -> Tuple[Tensor, Tensor]:
+                   distributed: bool = False,
+                   return_transport: bool = True
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
     """Balanced within-class assignment of pixels to their class prototypes.
 
     Solves, for every class ``c`` at once, the entropic optimal-transport
@@ -102,11 +104,14 @@ def sinkhorn_knopp(similarities: Tensor,
             iteration: 2 + num_iters small all-reduces), so the
             assignments equal a single process's on the global batch. Every
             process must call it, even with no pixel. Default: False.
+        return_transport (bool): Also return the soft assignment (costs an
+            (N, K) scatter back to the input order). Default: True.
 
     Returns:
         tuple[Tensor, Tensor]: ``assignments`` (N,) int64 hard assignment
         ``argmax_k L[k, i]`` in ``[0, K)``, and ``transport`` (N, K) the soft
-        assignment ``L`` scaled so that each pixel's row sums to 1.
+        assignment ``L`` scaled so that each pixel's row sums to 1 (None
+        with ``return_transport=False``).
     """
     if epsilon <= 0:
         raise ValueError(f'sinkhorn epsilon must be > 0, got {epsilon}')
@@ -143,9 +148,13 @@ def sinkhorn_knopp(similarities: Tensor,
             q = _sinkhorn_exp(logits - high, runs, pixels, num_iters)
         else:
             q = _sinkhorn_log(logits, runs, pixels, num_iters)
+        assign = torch.empty_like(labels)
+        assign[runs.order] = q.argmax(dim=1)
+        if not return_transport:
+            return assign, None
         transport = torch.empty_like(q)
         transport[runs.order] = q * pixels
-    return transport.argmax(dim=1), transport
+    return assign, transport
 
 
 def _sinkhorn_exp(logits: Tensor, runs: _ClassRuns, pixels: Tensor,
