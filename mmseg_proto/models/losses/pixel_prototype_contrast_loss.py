@@ -16,7 +16,8 @@ class PixelPrototypeContrastLoss(nn.Module):
     head feeds it prototype similarities and prototype targets instead of
     segmentation logits.
 
-    Targets are prototype indices ``c * K + k`` in ``[0, C * K)``; a target
+    Targets are the column of the assigned prototype in ``proto_logits``,
+    in ``[0, C * K)`` (ProtoHead orders columns ``k * C + c``); a target
     below 0 marks a pixel to ignore. No target value can collide with a
     segmentation ignore label such as 255, whatever ``C * K`` is.
 
