@@ -213,20 +213,13 @@ class ProtoHead(BaseDecodeHead):
         emb = self.feat_norm(emb.permute(0, 2, 3, 1))
         return F.normalize(emb, dim=-1)
 
-    def _similarities(self,
-                      inputs: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Embeddings (B,H,W,D) and prototype similarities (B,H,W,K*C).
-
-        Similarity columns are ordered ``k * C + c`` (prototype-major), so
-        the max over each class's K prototypes is an elementwise max of K
-        contiguous (.., C) slices, which vectorises, instead of a reduction
-        over runs of K.
-        """
-        return (emb := self.embed(inputs)), F.linear(
-            emb, self._prototype_matrix(emb.dtype))
-
     def _prototype_matrix(self, dtype: torch.dtype) -> Tensor:
-        """Prototypes as a (K*C, D) matrix, row ``k * C + c``."""
+        """Prototypes as a (K*C, D) matrix, row ``k * C + c``.
+
+        Similarity columns are thus prototype-major, so the max over each
+        class's K prototypes is an elementwise max of K contiguous (.., C)
+        slices, which vectorises, instead of a reduction over runs of K.
+        """
         c, k, d = self.prototypes.shape
         return self.prototypes.transpose(0, 1).reshape(k * c, d).to(dtype)
 
@@ -239,9 +232,10 @@ class ProtoHead(BaseDecodeHead):
         return self.mask_norm(class_scores).permute(0, 3, 1, 2).contiguous()
 
     def _scores(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
-        """Embeddings (B,H,W,D), prototype similarities (B,H,W,C*K) and
+        """Embeddings (B,H,W,D), prototype similarities (B,H,W,K*C) and
         segmentation logits (B,C,H,W)."""
-        emb, sims = self._similarities(inputs)
+        emb = self.embed(inputs)
+        sims = F.linear(emb, self._prototype_matrix(emb.dtype))
         c, k = self.num_classes, self.num_prototypes
         class_scores = sims.unflatten(-1, (k, c)).max(dim=-2).values
         return emb, sims, self._seg_logits(class_scores)
