@@ -193,7 +193,8 @@ def test_inference_without_similarity_matrix_gives_identical_logits(seeded):
     torch.testing.assert_close(streamed, full.detach())
 
 
-@pytest.mark.parametrize('temperature', [1.0, 0.5])
+# 0.01: exp(s / T) would overflow unshifted, the fused path shifts.
+@pytest.mark.parametrize('temperature', [1.0, 0.5, 0.1, 0.01])
 def test_fused_losses_equal_unfused_values_and_gradients(temperature):
     losses_cfg = [
         dict(type='CrossEntropyLoss', loss_weight=1.0),
@@ -223,6 +224,71 @@ def test_fused_losses_equal_unfused_values_and_gradients(temperature):
     torch.testing.assert_close(out[True][1], out[False][1])
     torch.testing.assert_close(out[True][2][0], out[False][2][0])
     torch.testing.assert_close(out[True][2][1], out[False][2][1])
+
+
+def test_fused_class_score_ties_share_the_gradient():
+    from mmseg_proto.models.utils import FusedPrototypeScores
+    c, k = 3, 2
+    protos = F.normalize(torch.randn(k * c, 4), dim=1)
+    protos[c:] = protos[:c]  # prototype 1 of every class duplicates 0
+    emb = F.normalize(torch.randn(5, 4), dim=1).requires_grad_()
+    sims = (emb @ protos.T).detach()
+    scores, _, _ = FusedPrototypeScores.apply(emb, sims.clone(), protos,
+                                              torch.full((5, ), -1), c, k,
+                                              1.0)
+    scores.sum().backward()
+    # Half of the gradient to each tied copy: the max's gradient.
+    torch.testing.assert_close(emb.grad, protos[:c].sum(0).expand(5, 4))
+    torch.testing.assert_close(scores, sims[:, :c])
+
+
+@pytest.mark.parametrize('temperature', [0.1, 0.005])
+def test_fused_scores_match_autograd_reference(temperature):
+    # T = 0.005: exp(s / T) = exp(200) overflows fp32 unless shifted.
+    from mmseg_proto.models.utils import FusedPrototypeScores
+    torch.manual_seed(0)
+    c, k, n = 4, 3, 40
+    protos = F.normalize(torch.randn(k * c, 6, dtype=torch.float64), dim=1)
+    emb = F.normalize(torch.randn(n, 6, dtype=torch.float64), dim=1)
+    emb[:k * c] = protos  # similarities of exactly 1
+    targets = torch.randint(0, k * c, (n, ))
+    targets[::5] = -1
+    weights = torch.rand(3, n, dtype=torch.float64)
+    grads = []
+    for fused in (True, False):
+        x = emb.clone().float().requires_grad_()
+        p = protos.float()
+        if fused:
+            scaled_p = p / temperature
+            scaled = (x @ scaled_p.T).detach()
+            scores, ppc, ppd = FusedPrototypeScores.apply(
+                x, scaled, scaled_p, targets, c, k, 1.0 / temperature)
+        else:
+            sims = x @ p.T
+            scores = sims.view(n, k, c).max(dim=1).values
+            valid = targets >= 0
+            ppc = F.cross_entropy(sims / temperature, targets.clamp(min=0),
+                                  reduction='none') * valid
+            target_sim = sims.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+            ppd = (1 - target_sim)**2 * valid
+        assert torch.isfinite(ppc).all()
+        total = sum((w.float()[:, None] * t if t.dim() == 2 else
+                     w.float() * t).sum()
+                    for w, t in zip(weights, (scores, ppc, ppd)))
+        total.backward()
+        grads.append((scores, ppc, ppd, x.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_backward_twice_is_refused():
+    head = make_head(num_classes=4, num_prototypes=3)
+    x = [t.requires_grad_() for t in feats()]
+    labels = torch.randint(0, 4, (2, 6, 5))
+    losses = head.loss(x, make_samples(labels), None)
+    losses['loss_ppc'].backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='fused_losses=False'):
+        losses['loss_ppc'].backward()
 
 
 def test_fused_losses_all_ignored_batch_is_finite():

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
 from ..utils.chunked_prototype_scores import ChunkedPrototypeScores
 from ..utils.fused_prototype_scores import FusedPrototypeScores
+from ..utils.l2_normalize import l2_normalize
 from ..utils.sinkhorn import sinkhorn_knopp
 
 PROJECTIONS = ('none', 'linear', 'mlp')
@@ -211,7 +212,7 @@ class ProtoHead(BaseDecodeHead):
         if self.reference_width_norm:
             emb = F.normalize(emb, dim=-1)
         emb = self.feat_norm(emb.permute(0, 2, 3, 1))
-        return F.normalize(emb, dim=-1)
+        return l2_normalize(emb)
 
     def _prototype_matrix(self, dtype: torch.dtype) -> Tensor:
         """Prototypes as a (K*C, D) matrix, row ``k * C + c``.
@@ -223,13 +224,19 @@ class ProtoHead(BaseDecodeHead):
         c, k, d = self.prototypes.shape
         return self.prototypes.transpose(0, 1).reshape(k * c, d).to(dtype)
 
-    def _seg_logits(self, class_scores: Tensor) -> Tensor:
-        """(B,H,W,C) class scores -> contiguous (B,C,H,W) seg logits.
+    def _seg_logits(self, class_scores: Tensor,
+                    contiguous: bool = True) -> Tensor:
+        """(B,H,W,C) class scores -> (B,C,H,W) seg logits.
 
-        Contiguous NCHW at the decoder's resolution, so the upsampling for
-        the pixel losses does not copy a label-sized channels-last tensor.
+        ``contiguous=True`` (training) copies them to contiguous NCHW at the
+        decoder's resolution: the label-sized upsampling, cross-entropy and
+        their backward run faster on NCHW than on channels-last on CPU.
+        ``contiguous=False`` (inference) returns the channels-last view
+        without a copy, the layout a 1x1 ``conv_seg`` produces, on which the
+        upsampling and argmax of prediction are faster.
         """
-        return self.mask_norm(class_scores).permute(0, 3, 1, 2).contiguous()
+        logits = self.mask_norm(class_scores).permute(0, 3, 1, 2)
+        return logits.contiguous() if contiguous else logits
 
     def _scores(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         """Embeddings (B,H,W,D), prototype similarities (B,H,W,K*C) and
@@ -252,11 +259,19 @@ class ProtoHead(BaseDecodeHead):
         if torch.is_grad_enabled():
             return self._scores(inputs)[2]
         emb = self.embed(inputs)
+        flat = emb.view(-1, emb.shape[-1])
         slabs = self.prototypes.transpose(0, 1).to(emb.dtype)  # (K, C, D)
-        class_scores = F.linear(emb, slabs[0])
+        class_scores = F.linear(flat, slabs[0])
+        # One (pixels x C) buffer for every slab (no fresh allocation per
+        # slab); autocast does not take out= arguments.
+        reuse = not torch.is_autocast_enabled(emb.device.type)
+        buf = torch.empty_like(class_scores) if reuse else None
         for slab in slabs[1:]:
-            torch.maximum(class_scores, F.linear(emb, slab), out=class_scores)
-        return self._seg_logits(class_scores)
+            sims = torch.mm(flat, slab.T, out=buf) if reuse else F.linear(
+                flat, slab)
+            torch.maximum(class_scores, sims, out=class_scores)
+        return self._seg_logits(
+            class_scores.view(*emb.shape[:-1], -1), contiguous=False)
 
     def loss(self, inputs: Sequence[Tensor], batch_data_samples: SampleList,
              train_cfg: ConfigType) -> Dict[str, Tensor]:
@@ -276,17 +291,28 @@ class ProtoHead(BaseDecodeHead):
         valid = torch.nonzero(labels != self.ignore_index).squeeze(1)
         labels_v = labels[valid]
         protos = self._prototype_matrix(emb.dtype)
+        flat_emb = emb.reshape(-1, emb.shape[-1])
         if self.similarity_chunk:
-            flat_emb = emb.reshape(-1, emb.shape[-1])
             class_scores, lse, own = ChunkedPrototypeScores.apply(
                 flat_emb, protos, labels.clamp(0, c - 1), c, k,
                 self._inv_temperature(), self.similarity_chunk)
             own = own[valid]
+        elif self.fused_losses:
+            # One (N, K*C) buffer of similarities / T, computed without
+            # autograd and handed to FusedPrototypeScores, which
+            # differentiates it itself and reuses it in place (so it must
+            # not be read after that call).
+            inv_t = self._inv_temperature()
+            scaled_protos = protos * inv_t if inv_t != 1.0 else protos
+            with torch.no_grad():
+                proto_logits = F.linear(flat_emb, scaled_protos)
+            own = proto_logits.view(-1, k, c)[valid, :, labels_v]
+            if inv_t != 1.0:
+                own = own.mul_(1.0 / inv_t)
         else:
-            # Similarities stay one (N, K*C) tensor (a view: no copy); only
-            # the K similarities of each labelled pixel to its own class are
-            # taken.
-            proto_logits = F.linear(emb, protos).reshape(-1, k * c)
+            # Only the K similarities of each labelled pixel to its own
+            # class are taken for the clustering.
+            proto_logits = F.linear(flat_emb, protos)
             own = proto_logits.detach().view(-1, k, c)[valid, :, labels_v]
         assign, transport = sinkhorn_knopp(own, labels_v, c,
                                            self.sinkhorn_epsilon,
@@ -306,19 +332,21 @@ class ProtoHead(BaseDecodeHead):
             inside = targets >= 0
             ppc = (lse - target_sim * self._inv_temperature()) * inside
             ppd = (1.0 - target_sim)**2 * inside
-            seg_logits, losses = self._prototype_losses(
+            pred, losses = self._prototype_losses(
                 class_scores.view(b, h, w, c), ppc, ppd, valid.numel(),
                 batch_data_samples)
         elif self.fused_losses:
             class_scores, ppc, ppd = FusedPrototypeScores.apply(
-                proto_logits, targets, c, k, self._inv_temperature())
-            seg_logits, losses = self._prototype_losses(
+                flat_emb, proto_logits, scaled_protos, targets, c, k, inv_t)
+            del proto_logits  # overwritten by FusedPrototypeScores
+            pred, losses = self._prototype_losses(
                 class_scores.view(b, h, w, c), ppc, ppd, valid.numel(),
                 batch_data_samples)
         else:
             class_scores = proto_logits.view(b, h, w, k, c).max(
                 dim=-2).values
             seg_logits = self._seg_logits(class_scores)
+            pred = seg_logits.detach().argmax(dim=1)
             losses = self.loss_by_feat(seg_logits, batch_data_samples)
             for loss_fn in self.loss_proto:
                 value = loss_fn(proto_logits, targets)
@@ -327,7 +355,7 @@ class ProtoHead(BaseDecodeHead):
                     else value
 
         with torch.no_grad():
-            correct = seg_logits.argmax(dim=1).view(-1)[valid] == labels_v
+            correct = pred.view(-1)[valid] == labels_v
             emb = emb.reshape(-1, emb.shape[-1])[valid[correct]].float()
             hit = proto_index[correct]
             sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
@@ -353,9 +381,13 @@ class ProtoHead(BaseDecodeHead):
                           ppd: Tensor, num_valid: int,
                           batch_data_samples: SampleList
                           ) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """Seg logits and the loss dict from class scores (B,H,W,C) and the
-        per-pixel PPC and PPD terms (N,), zero for ignored pixels."""
-        seg_logits = self._seg_logits(class_scores)
+        """Predicted classes (B,H,W) and the loss dict from class scores
+        (B,H,W,C) and the per-pixel PPC and PPD terms (N,), zero for ignored
+        pixels."""
+        normed = self.mask_norm(class_scores)  # (B, H, W, C)
+        # Predictions from the channels-last logits: a contiguous argmax.
+        pred = normed.detach().argmax(dim=-1)
+        seg_logits = normed.permute(0, 3, 1, 2).contiguous()  # see _seg_logits
         losses = self.loss_by_feat(seg_logits, batch_data_samples)
         denom = max(num_valid, 1)
         for loss_fn in self.loss_proto:
@@ -364,7 +396,7 @@ class ProtoHead(BaseDecodeHead):
             value = loss_fn.loss_weight * per_pixel.sum() / denom
             name = loss_fn.loss_name
             losses[name] = losses[name] + value if name in losses else value
-        return seg_logits, losses
+        return pred, losses
 
     def _check_labels(self, seg_label: Tensor) -> None:
         """Raise on label values that are neither a class nor ignored."""

@@ -1,74 +1,125 @@
 """Class scores, PPC and PPD from one pass over the prototype similarities."""
+import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+# exp() of fp32 overflows above ~88.7: without a shift, exp(s / T) of all
+# K*C columns stays finite while max(s) / T + log(K*C) is below this bound.
+_EXP_SAFE = 80.0
+
 
 class FusedPrototypeScores(torch.autograd.Function):
-    """Exact fused form of ``max over K``, PPC and PPD.
+    """Exact fused form of ``max over K``, PPC and PPD, in place.
 
     ProtoSeg's training step reads the (N, C*K) pixel-prototype similarity
-    matrix three times (class scores = max over each class's K similarities,
-    the pixel-prototype contrast cross-entropy, the pixel-prototype distance)
-    and autograd writes three (N, C*K) gradients and sums them (zero-filled
-    buffers for the max and the gather, the softmax gradient, two additions).
-    This function computes the same three outputs in one forward and builds
-    their summed gradient in one (N, C*K) buffer: ``softmax * g_ppc``, then
-    the target's and the max winners' gradients are scattered into it. The results equal
-    the unfused computation up to float rounding (tested).
+    matrix ``S`` three times (class scores = max over each class's K
+    similarities, the pixel-prototype contrast cross-entropy over ``S / T``,
+    the pixel-prototype distance) and plain autograd keeps ``S``, allocates
+    several more (N, C*K) tensors (the scaled logits, the exponentials of
+    ``logsumexp``, three gradients) and adds them up. On CPU every fresh
+    (N, C*K) tensor also pays its page faults. This function needs one
+    (N, C*K) buffer for its whole life: the caller computes the scaled
+    similarities ``Z = S / T = emb @ (protos / T).T`` without autograd (the
+    temperature is folded into the prototypes, no scaling pass) and hands
+    them over; the forward reads ``Z`` once for the class scores and once
+    for their winners and turns it, in place, into the softmax numerators
+    ``exp(Z)`` (no max-shift pass when the cosines' bound makes one
+    unnecessary, see below); the backward turns those, in place, into the
+    gradient ``(softmax - onehot) * g_ppc`` plus the PPD and class-score
+    gradients, followed by the one matmul ``grad @ (protos / T)`` for the
+    embeddings' gradient (the prototypes are not learned).
 
-    Forward inputs: ``sims`` (N, K*C) with columns ordered ``k * C + c``,
-    ``targets`` (N,) int64 column of the assigned prototype or -1 to ignore, ``num_classes``, ``num_prototypes``, ``inv_temperature``
-    (1 / PPC temperature). Outputs: ``class_scores`` (N, C), and the
-    per-pixel PPC and PPD terms (N,) in fp32, zero for ignored pixels.
+    Numerics: ``exp(Z)`` is taken without subtracting the row maximum when
+    ``max(Z) + log(K*C) < 80`` (always for unit vectors with the default
+    T = 0.1): the sum then neither overflows nor underflows in fp32 and
+    equals the shifted computation up to rounding. Otherwise (a very low
+    temperature) the row maximum, read from the (N, C) class scores, is
+    subtracted first, as ``logsumexp`` does. Class scores and PPD use
+    ``S = Z * T``, equal to the directly computed cosines up to rounding.
+    Fp16/bf16 similarities are exponentiated in an fp32 copy.
+
+    Ties: the class-score gradient is shared equally by the prototypes whose
+    similarity equals the maximum (a valid subgradient of the max; exact ties
+    happen only for identical prototypes or a zero embedding), where torch's
+    ``max`` gives it all to the first one.
+
+    Forward inputs: ``emb`` (N, D) the embeddings (only their gradient is
+    computed here), ``scaled`` (N, K*C) ``= emb @ scaled_protos.T``
+    computed without autograd, columns ordered ``k * C + c``; it is
+    **overwritten** (the caller must not use it afterwards),
+    ``scaled_protos`` (K*C, D) the prototypes times ``inv_temperature`` in
+    ``emb``'s dtype, ``targets`` (N,) int64 column of the assigned
+    prototype or -1 to ignore, ``num_classes``, ``num_prototypes``,
+    ``inv_temperature`` (1 / PPC temperature T). Outputs: ``class_scores``
+    (N, C) cosines, and the per-pixel PPC and PPD terms (N,) in fp32, zero
+    for ignored pixels. The backward may run once (no ``retain_graph``).
     """
 
     @staticmethod
-    def forward(ctx, sims: Tensor, targets: Tensor, num_classes: int,
-                num_prototypes: int,
+    def forward(ctx, emb: Tensor, scaled: Tensor, scaled_protos: Tensor,
+                targets: Tensor, num_classes: int, num_prototypes: int,
                 inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-        n = sims.shape[0]
-        # Columns are prototype-major (k * C + c): max over dim 1 of (N,K,C).
-        # With the winners' indices the backward is one small scatter
-        # (re-finding them by equality costs several (N, K*C) passes).
-        class_scores, winner = sims.view(n, num_prototypes,
-                                         num_classes).max(dim=1)
+        n, (c, k) = scaled.shape[0], (num_classes, num_prototypes)
+        temperature = 1.0 / inv_temperature
+        by_slab = scaled.view(n, k, c)
+        best = by_slab.amax(dim=1)  # (N, C)
+        winners = by_slab >= best[:, None]  # (N, K, C) bool: == the max
         valid = targets >= 0
         index = targets.clamp(min=0)[:, None]
-        target_sim = sims.gather(1, index).squeeze(1).float()
-        scaled = sims if inv_temperature == 1.0 else sims * inv_temperature
-        lse = torch.logsumexp(scaled.float(), dim=1)
-        ppc = (lse - target_sim * inv_temperature) * valid
+        target_z = scaled.gather(1, index).squeeze(1).float()
+        row_max = best.amax(dim=1).float()
+        class_scores = best if temperature == 1.0 else best * temperature
+        numer = scaled.float()  # `scaled` itself when it is fp32
+        shift: Optional[Tensor] = None
+        if n:
+            high, low = torch.stack([row_max.max(), row_max.min()]).tolist()
+            if high + math.log(k * c) >= _EXP_SAFE or low <= -_EXP_SAFE:
+                shift = row_max
+                numer.sub_(shift[:, None])
+        numer.exp_()
+        sum_exp = numer.sum(dim=1)
+        lse = sum_exp.log() if shift is None else sum_exp.log() + shift
+        target_sim = target_z * temperature
+        ppc = (lse - target_z) * valid
         ppd = (1.0 - target_sim)**2 * valid
-        ctx.save_for_backward(sims, index, valid, winner, lse, target_sim)
-        ctx.shape = (num_classes, num_prototypes)
-        ctx.mark_non_differentiable(winner)
-        ctx.inv_temperature = inv_temperature
+        ctx.save_for_backward(numer, scaled_protos, index, valid, winners,
+                              sum_exp, target_sim)
+        ctx.params = (c, k, temperature, emb.dtype)
+        ctx.consumed = False
         return class_scores, ppc, ppd
 
     @staticmethod
     def backward(ctx, g_scores: Optional[Tensor], g_ppc: Optional[Tensor],
                  g_ppd: Optional[Tensor]):
-        sims, index, valid, winner, lse, target_sim = ctx.saved_tensors
-        c, k = ctx.shape
-        inv_t = ctx.inv_temperature
-        n = sims.shape[0]
-        g_ppc = torch.zeros_like(lse) if g_ppc is None else g_ppc.float()
-        g_ppd = torch.zeros_like(lse) if g_ppd is None else g_ppd.float()
-        w_ppc = g_ppc * valid * inv_t
-        # d PPC / d s = (softmax(s / T) - onehot(target)) / T, one buffer.
-        grad = sims.float()
-        if inv_t != 1.0:
-            grad = grad * inv_t
-        # A new buffer unless float()/scaling already made one.
-        grad = grad - lse[:, None] if grad is sims else grad.sub_(
-            lse[:, None])
-        grad.exp_().mul_(w_ppc[:, None])
-        # d PPD / d s_target = -2 (1 - s_target).
-        at_target = -w_ppc - 2.0 * g_ppd * (1.0 - target_sim) * valid
+        if ctx.consumed:
+            raise RuntimeError(
+                'FusedPrototypeScores: backward ran twice (retain_graph=True)'
+                '; its buffers are reused in place. Set the ProtoHead option '
+                'fused_losses=False to back-propagate through the losses '
+                'more than once')
+        ctx.consumed = True
+        numer, scaled_protos, index, valid, winners, sum_exp, target_sim = \
+            ctx.saved_tensors
+        c, k, temperature, emb_dtype = ctx.params
+        n = numer.shape[0]
+        g_ppc = torch.zeros_like(sum_exp) if g_ppc is None else g_ppc.float()
+        g_ppd = torch.zeros_like(sum_exp) if g_ppd is None else g_ppd.float()
+        w_ppc = g_ppc * valid
+        # d PPC / d z = softmax(z) - onehot(target), in place.
+        grad = numer.mul_((w_ppc / sum_exp)[:, None])
+        # d PPD / d z_target = -2 (1 - s_target) T.
+        at_target = -w_ppc - (2.0 * temperature) * g_ppd * (
+            1.0 - target_sim) * valid
         grad.scatter_add_(1, index, at_target[:, None])
-        if g_scores is not None:  # max over K: the winners get the grads
-            grad.view(n, k, c).scatter_add_(1, winner[:, None],
-                                            g_scores.float()[:, None])
-        return grad.to(sims.dtype), None, None, None, None
+        if g_scores is not None:  # max over K: the winners share the grads
+            g_best = g_scores.float()
+            if temperature != 1.0:
+                g_best = g_best * temperature
+            if k > 1:
+                g_best = g_best / winners.view(torch.uint8).sum(
+                    dim=1, dtype=torch.uint8 if k < 256 else torch.int32)
+            grad.view(n, k, c).addcmul_(winners, g_best[:, None])
+        grad_emb = grad.to(scaled_protos.dtype) @ scaled_protos
+        return (grad_emb.to(emb_dtype), None, None, None, None, None, None)
