@@ -8,15 +8,29 @@ of repeated runs. Prints Markdown tables:
    ProtoSeg / parametric, beside the ratio of their FLOP counts (MMEngine's FlopAnalyzer,
    which counts the similarity matmul);
 2. a torch.profiler split of the time ProtoSeg adds over the baseline into the similarity
-   matrix products (pixels x C*K x D, forward and backward) and everything else.
+   matrix products (pixels x C*K x D, forward and backward) and everything else, for the
+   whole model;
+3. the same split for the decode head alone on fixed backbone features (head forward,
+   backward and prototype update; head prediction): the models differ only in their heads,
+   and without the backbone's run-to-run noise the difference is measured more precisely.
+
+CPU memory allocator: every fresh (pixels x C*K) or label-sized tensor costs its page
+faults with glibc's default malloc, which returns large blocks to the OS on free.
+``--allocator cached`` (default) re-runs the script with glibc told to keep freed memory
+(MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ large), the effect of the jemalloc/tcmalloc
+set-up PyTorch's CPU performance guide recommends; both models run under it.
+``--allocator system`` measures glibc's defaults. Irrelevant on a GPU (device memory is
+cached by PyTorch).
 
 Runs on a GPU unchanged (device chosen automatically; --device to force).
 
-    python benchmarks/bench_protoseg_perf.py [--channels 256 768] [--repeats 5]
+    python benchmarks/bench_protoseg_perf.py [--channels 256 768] [--repeats 9]
 """
 import argparse
+import os
 import os.path as osp
 import statistics
+import sys
 import time
 
 import mmseg
@@ -34,6 +48,10 @@ BASE = osp.join(osp.dirname(mmseg.__file__), '.mim', 'configs', 'segformer',
                 'segformer_mit-b2_8xb2-160k_ade20k-512x512.py')
 MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::matmul',
               'aten::linear')
+# glibc: no mmap for large blocks (they would be unmapped on free and
+# page-faulted again on the next allocation) and no trimming of the heap.
+CACHED_MALLOC = dict(MALLOC_MMAP_MAX_='0',
+                     MALLOC_TRIM_THRESHOLD_=str(1 << 40))
 
 
 def build(channels: int, proto: bool, k: int, device):
@@ -94,6 +112,25 @@ def infer(model, imgs, samples):
     return model.predict(imgs, samples)
 
 
+def head_train_step(model, feats, samples):
+    """Decode head only: loss, backward (into the features too), update."""
+    head = model.decode_head
+    losses = head.loss([f.detach().requires_grad_() for f in feats], samples,
+                       model.train_cfg)
+    loss, _ = model.parse_losses(losses)
+    loss.backward()
+    for h in proto_heads(model):
+        h.update_prototypes(*h.pop_prototype_statistics())
+    model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def head_infer(model, feats, samples):
+    """Decode head only: seg logits resized to the image, as predicted."""
+    metas = [s.metainfo for s in samples]
+    return model.decode_head.predict(feats, metas, model.test_cfg)
+
+
 def timed(fn, device):
     sync(device)
     t = time.perf_counter()
@@ -145,6 +182,24 @@ def similarity_time(model, fn, sizes, device, repeats=2):
     return sim
 
 
+def split_row(ch, what, added, sim):
+    other = added - sim
+    share = 100 * other / added if added > 0 else float('nan')
+    return (f'| {ch} | {what} | {added:.3f} | {sim:.3f} | {other:.3f} | '
+            f'{share:.0f}% |')
+
+
+def alternate(fns, repeats, device):
+    """Median time of each function, run in turn ``repeats`` times."""
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--channels', type=int, nargs='+', default=[256, 768],
@@ -152,16 +207,27 @@ def main():
     p.add_argument('--size', type=int, default=512)
     p.add_argument('--batch', type=int, default=2)
     p.add_argument('--k', type=int, default=10)
-    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--repeats', type=int, default=9,
+                   help='training steps timed per model (median)')
+    p.add_argument('--infer-repeats', type=int, default=21,
+                   help='inference runs timed per model (median)')
+    p.add_argument('--allocator', choices=('cached', 'system'),
+                   default='cached', help='CPU malloc behaviour (see above)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available()
                    else 'cpu')
     args = p.parse_args()
+    if args.allocator == 'cached' and sys.platform.startswith('linux') and \
+            any(os.environ.get(k) != v for k, v in CACHED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable] + sys.argv,
+                  {**os.environ, **CACHED_MALLOC})
     init_default_scope('mmseg')
     device = torch.device(args.device)
     print(f'device: {device} ({torch.get_num_threads()} threads), SegFormer '
           f'MiT-B2, 150 classes, K={args.k}, batch {args.batch}, '
-          f'{args.size}x{args.size}, median of {args.repeats}')
-    rows, prof_rows = [], []
+          f'{args.size}x{args.size}, allocator {args.allocator}, median of '
+          f'{args.repeats} training steps / {args.infer_repeats} inferences')
+    rows, prof_rows, head_rows = [], [], []
+    sizes = {150 * args.k, 150}
     for ch in args.channels:
         torch.manual_seed(0)
         models = dict(base=build(ch, False, args.k, device),
@@ -169,19 +235,17 @@ def main():
         optims = {n: torch.optim.AdamW(m.parameters(), lr=6e-5)
                   for n, m in models.items()}
         imgs, samples = batch(args.batch, args.size, 150, device)
-        times = {(n, w): [] for n in models for w in ('train', 'infer')}
-        for n, m in models.items():  # warm-up
+        for m in models.values():
             m.train()
-            train_step(m, optims[n], imgs, samples)
-        for _ in range(args.repeats):
-            for n, m in models.items():
-                m.train()
-                times[n, 'train'].append(timed(
-                    lambda: train_step(m, optims[n], imgs, samples), device))
-                m.eval()
-                times[n, 'infer'].append(timed(
-                    lambda: infer(m, imgs, samples), device))
-        med = {key: statistics.median(v) for key, v in times.items()}
+        med = {(n, 'train'): t for n, t in alternate(
+            {n: (lambda m=m, n=n: train_step(m, optims[n], imgs, samples))
+             for n, m in models.items()}, args.repeats, device).items()}
+        for m in models.values():
+            m.eval()
+        med.update({(n, 'infer'): t for n, t in alternate(
+            {n: (lambda m=m: infer(m, imgs, samples))
+             for n, m in models.items()}, args.infer_repeats,
+            device).items()})
         fl = {n: flops(m, imgs) for n, m in models.items()}
         params = {n: sum(q.numel() for q in m.parameters())
                   for n, m in models.items()}
@@ -193,7 +257,6 @@ def main():
             f"{med['proto', 'infer'] / med['base', 'infer']:.2f} | "
             f"{fl['base'] / 1e9:.1f} / {fl['proto'] / 1e9:.1f} | "
             f"{fl['proto'] / fl['base']:.3f} |")
-        sizes = {150 * args.k, 150}
         proto = models['proto']
         proto.train()
         sim_train = similarity_time(
@@ -204,20 +267,53 @@ def main():
                                     lambda: infer(proto, imgs, samples),
                                     sizes, device)
         for what, sim in (('train', sim_train), ('infer', sim_infer)):
-            added = med['proto', what] - med['base', what]
-            other = added - sim
-            prof_rows.append(
-                f'| {ch} | {what} | {added:.3f} | {sim:.3f} | {other:.3f} | '
-                f'{100 * other / added if added > 0 else float("nan"):.0f}% |')
+            prof_rows.append(split_row(
+                ch, what, med['proto', what] - med['base', what], sim))
+
+        # The decode heads alone, on each model's own backbone features.
+        with torch.no_grad():
+            feats = {n: [f.detach() for f in m.extract_feat(imgs)]
+                     for n, m in models.items()}
+        for m in models.values():
+            m.train()
+        head = {(n, 'train'): t for n, t in alternate(
+            {n: (lambda m=m, n=n: head_train_step(m, feats[n], samples))
+             for n, m in models.items()}, 2 * args.repeats, device).items()}
+        for m in models.values():
+            m.eval()
+        head.update({(n, 'infer'): t for n, t in alternate(
+            {n: (lambda m=m, n=n: head_infer(m, feats[n], samples))
+             for n, m in models.items()}, args.infer_repeats,
+            device).items()})
+        proto.train()
+        sims = {'train': similarity_time(
+            proto, lambda: head_train_step(proto, feats['proto'], samples),
+            sizes, device)}
+        proto.eval()
+        sims['infer'] = similarity_time(
+            proto, lambda: head_infer(proto, feats['proto'], samples), sizes,
+            device)
+        for what in ('train', 'infer'):
+            head_rows.append(
+                f"| {ch} | {what} | {head['base', what]:.3f} | "
+                f"{head['proto', what]:.3f} | " + split_row(
+                    ch, what, head['proto', what] - head['base', what],
+                    sims[what]).split('| ', 3)[3])
     print('\n| decoder width | params base / proto (M) | train base (s) | '
           'train proto (s) | train ratio | infer base (s) | infer proto (s) | '
           'infer ratio | GFLOPs base / proto | FLOP ratio |')
     print('|' + '---|' * 10)
     print('\n'.join(rows))
-    print('\n| decoder width | step | added time (s) | similarity matmuls (s) '
-          '| everything else (s) | else / added |')
+    print('\nWhole model:\n\n| decoder width | step | added time (s) | '
+          'similarity matmuls (s) | everything else (s) | else / added |')
     print('|' + '---|' * 6)
     print('\n'.join(prof_rows))
+    print('\nDecode head alone (fixed backbone features):\n\n'
+          '| decoder width | step | base head (s) | ProtoSeg head (s) | '
+          'added time (s) | similarity matmuls (s) | everything else (s) | '
+          'else / added |')
+    print('|' + '---|' * 8)
+    print('\n'.join(head_rows))
 
 
 if __name__ == '__main__':

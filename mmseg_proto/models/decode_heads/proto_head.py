@@ -64,8 +64,10 @@ class ProtoHead(BaseDecodeHead):
         fused_losses (bool): When the prototype losses are at most one
             ``PixelPrototypeContrastLoss`` and one
             ``PixelPrototypeDistanceLoss``, compute them and the class scores
-            with :class:`FusedPrototypeScores` (the same values and gradients,
-            fewer passes over the (N, C*K) similarities). Default: True.
+            with :class:`FusedPrototypeScores` (the same values and gradients
+            up to float rounding, one (N, C*K) buffer reused in place, fewer
+            passes over it; back-propagating twice through one step, e.g.
+            ``retain_graph=True``, needs False). Default: True.
         similarity_chunk (int, optional): Pixels per block of the (pixels x
             C*K) similarity matrix in training. None (default): the whole
             batch at once (fastest). An int streams it through
