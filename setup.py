@@ -19,6 +19,9 @@ setup(
     long_description=open(osp.join(HERE, 'README.md')).read(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmseg_proto', 'mmseg_proto.*']),
+    # C source of the optional CPU kernels, compiled on first use
+    # (mmseg_proto/models/utils/cpu_kernels.py).
+    package_data={'mmseg_proto.models.utils': ['csrc/*.c']},
     python_requires='>=3.8',
     # Versions known to work together (checked on CPU, torch 2.13.0).
     # mmcv must be the full build with compiled ops; install it first
