@@ -358,7 +358,7 @@ class ProtoHead(BaseDecodeHead):
 
         with torch.no_grad():
             correct = pred.view(-1)[valid] == labels_v
-            emb = emb.reshape(-1, emb.shape[-1])[valid[correct]].float()
+            emb = flat_emb[valid[correct]].float()
             hit = proto_index[correct]
             sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
             # A non-finite labelled pixel corrupts the Sinkhorn assignment of
