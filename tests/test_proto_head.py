@@ -193,15 +193,20 @@ def test_inference_without_similarity_matrix_gives_identical_logits(seeded):
     torch.testing.assert_close(streamed, full.detach())
 
 
-# 0.01: exp(s / T) would overflow unshifted, the fused path shifts.
-@pytest.mark.parametrize('temperature', [1.0, 0.5, 0.1, 0.01])
-def test_fused_losses_equal_unfused_values_and_gradients(temperature):
-    losses_cfg = [
+def prototype_losses(temperature):
+    """CE + PPC + PPD with non-default weights and the given temperature."""
+    return [
         dict(type='CrossEntropyLoss', loss_weight=1.0),
         dict(type='PixelPrototypeContrastLoss', loss_weight=0.3,
              temperature=temperature),
         dict(type='PixelPrototypeDistanceLoss', loss_weight=0.2),
     ]
+
+
+# 0.01: exp(s / T) would overflow unshifted, the fused path shifts.
+@pytest.mark.parametrize('temperature', [1.0, 0.5, 0.1, 0.01])
+def test_fused_losses_equal_unfused_values_and_gradients(temperature):
+    losses_cfg = prototype_losses(temperature)
     heads = {}
     for fused in (True, False):
         torch.manual_seed(0)
@@ -304,12 +309,7 @@ def test_fused_losses_all_ignored_batch_is_finite():
 
 @pytest.mark.parametrize('temperature', [1.0, 0.5])
 def test_streamed_similarities_equal_fused_values_and_gradients(temperature):
-    losses_cfg = [
-        dict(type='CrossEntropyLoss', loss_weight=1.0),
-        dict(type='PixelPrototypeContrastLoss', loss_weight=0.3,
-             temperature=temperature),
-        dict(type='PixelPrototypeDistanceLoss', loss_weight=0.2),
-    ]
+    losses_cfg = prototype_losses(temperature)
     heads = {}
     for chunk in (None, 7):  # 7 pixels per block: many blocks, a ragged end
         torch.manual_seed(0)
