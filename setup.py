@@ -23,20 +23,24 @@ setup(
     # (mmseg_proto/models/utils/cpu_kernels.py).
     package_data={'mmseg_proto.models.utils': ['csrc/*.c']},
     python_requires='>=3.8',
-    # Versions known to work together (checked on CPU, torch 2.13.0).
-    # mmcv must be the full build with compiled ops; install it first
-    # (tools/setup_env.sh builds it with --no-build-isolation).
+    # The MMSeg stack is not required by distribution name: OpenMMLab's (mmsegmentation, mmcv,
+    # mmengine) and OneDL's (onedl-mmsegmentation, onedl-mmcv, onedl-mmengine) install the
+    # same modules, and a hard requirement on one would put it on top of the other. Importing
+    # mmseg_proto checks the module versions instead (mmseg_proto/utils/stack_check.py).
+    # tools/setup_env.sh installs the pinned known-good set (requirements/constraints.txt);
+    # mmcv must be the full build with compiled ops (built with --no-build-isolation).
     install_requires=[
         'torch>=2.0',
         'numpy',
-        'mmcv>=2.0.0rc4,<2.2.0',
-        'mmengine>=0.10.0,<0.11',
-        'mmsegmentation==1.2.2',
+        'packaging',
         'ftfy',  # imported unconditionally by mmseg
         'regex',  # imported unconditionally by mmseg
-        'openmim',
     ],
     extras_require={
+        # OpenMMLab's stack, for an environment that has none (pinned in
+        # requirements/constraints.txt).
+        'openmmlab': ['mmsegmentation>=1.2,<1.3', 'mmcv>=2.0.0rc4,<2.2.0',
+                      'mmengine>=0.10,<0.11', 'openmim'],
         'tests': ['pytest', 'matplotlib', 'scikit-learn'],
         # tools/vis_prototype_similarity.py, tools/vis_embedding.py
         # (scikit-learn only for --method tsne; the tests install it too).

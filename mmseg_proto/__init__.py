@@ -7,8 +7,12 @@ checkpoint), ``PrototypeUpdateHook`` (HOOKS) and ``CamVidDataset`` (DATASETS),
 and lets torch >= 2.6 load mmengine checkpoints (see
 :mod:`mmseg_proto.utils.torch_load_compat`).
 """
-from .utils import allow_mmengine_checkpoint_globals
+from .utils.stack_check import check_mmseg_stack
 from .version import __version__
+
+check_mmseg_stack()
+
+from .utils import allow_mmengine_checkpoint_globals  # noqa: E402
 
 allow_mmengine_checkpoint_globals()
 
