@@ -4,17 +4,20 @@ Importing the package registers, in MMSeg's registries, ``ProtoHead``
 (MODELS), ``PixelPrototypeContrastLoss`` and ``PixelPrototypeDistanceLoss``
 (MODELS), ``HRNetRefAlign`` (MODELS, the authors' HRNet variant for their
 checkpoint), ``PrototypeUpdateHook`` (HOOKS) and ``CamVidDataset`` (DATASETS),
-and lets torch >= 2.6 load mmengine checkpoints (see
-:mod:`mmseg_proto.utils.torch_load_compat`).
+and makes mmengine's checkpoint loader admit, during each load only, the numeric numpy
+and HistoryBuffer data mmengine checkpoints hold, so that torch >= 2.6 loads them (see
+:mod:`mmseg_proto.utils.checkpoint_loading`; plain ``torch.load`` is left as torch has it).
 """
-from .utils.stack_check import check_mmseg_stack
+from .utils.stack_check import (check_mmseg_stack,
+                                resolve_mmseg_scope_to_installed_distribution)
 from .version import __version__
 
 check_mmseg_stack()
+resolve_mmseg_scope_to_installed_distribution()
 
-from .utils import allow_mmengine_checkpoint_globals  # noqa: E402
+from .utils.checkpoint_loading import register_checkpoint_loader  # noqa: E402
 
-allow_mmengine_checkpoint_globals()
+register_checkpoint_loader()
 
 from .datasets import *  # noqa: E402,F401,F403
 from .engine import *  # noqa: E402,F401,F403

@@ -1,4 +1,6 @@
-from .torch_load_compat import (allow_mmengine_checkpoint_globals,
-                                mmengine_checkpoint_globals)
+from .checkpoint_loading import (checkpoint_safe_globals, load_with_checkpoint_globals,
+                                 register_checkpoint_loader)
+from .stack_check import check_mmseg_stack
 
-__all__ = ['allow_mmengine_checkpoint_globals', 'mmengine_checkpoint_globals']
+__all__ = ['checkpoint_safe_globals', 'load_with_checkpoint_globals',
+           'register_checkpoint_loader', 'check_mmseg_stack']

@@ -1,5 +1,5 @@
 """Hook applying ProtoSeg's momentum prototype update every iteration."""
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.dist import all_reduce, get_world_size
@@ -19,7 +19,12 @@ class PrototypeUpdateHook(Hook):
     embeddings of correctly classified pixels. After the optimizer step this
     hook sums them over all processes (one all-reduce), so every rank applies
     the same update, equal to the one a single process would make on the
-    whole global batch, then applies the momentum update. Non-finite
+    whole global batch, then applies the momentum update. With gradient
+    accumulation (``optim_wrapper.accumulative_counts > 1``) the statistics
+    of the accumulated iterations are summed and applied once, after the
+    iteration in which the optimizer steps: one momentum update per
+    optimizer step, from all the pixels of that step (the clustering still
+    runs per iteration). Non-finite
     statistics (an overflowing batch) skip the update with a warning instead
     of poisoning the prototypes; all ranks skip together.
 
@@ -64,6 +69,9 @@ class PrototypeUpdateHook(Hook):
         self.per_class_entropy = per_class_entropy
         if priority is not None:
             self.priority = priority
+        # Per head: statistics summed over the iterations accumulated into
+        # the coming optimizer step.
+        self._pending: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def proto_heads(model: torch.nn.Module) -> List[ProtoHead]:
@@ -92,6 +100,13 @@ class PrototypeUpdateHook(Hook):
             if stats is None:
                 continue
             sums, counts = stats
+            if i in self._pending:
+                sums = sums + self._pending[i][0]
+                counts = counts + self._pending[i][1]
+            if not _optimizer_stepped(runner):
+                self._pending[i] = (sums, counts)
+                continue
+            self._pending.pop(i, None)
             if get_world_size() > 1:
                 all_reduce(sums, op='sum')
                 all_reduce(counts, op='sum')
@@ -142,6 +157,13 @@ class PrototypeUpdateHook(Hook):
     def _log_now(self, runner) -> bool:
         return self.log_interval > 0 and self.every_n_train_iters(
             runner, self.log_interval)
+
+
+def _optimizer_stepped(runner) -> bool:
+    """Whether the optimizer stepped in this iteration: False only on the
+    accumulating iterations of ``accumulative_counts > 1``."""
+    should_update = getattr(runner.optim_wrapper, 'should_update', None)
+    return bool(should_update()) if callable(should_update) else True
 
 
 def _class_names(runner, num_classes: int) -> Sequence[str]:

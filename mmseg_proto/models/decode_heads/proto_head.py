@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from mmengine.model.weight_init import trunc_normal_
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.registry import MODELS
@@ -79,6 +80,13 @@ class ProtoHead(BaseDecodeHead):
             L2-normalises the projection output over the image *width* axis
             before ``feat_norm``. Only for running converted authors'
             checkpoints. Default: False (the paper's definition).
+        load_prototypes (bool): Load ``prototypes`` from checkpoints. False
+            keeps this head's freshly initialised prototypes whatever a
+            loaded state dict holds, to fine-tune a ProtoSeg checkpoint on
+            another class set or K (``load_from``: everything else loads,
+            and mmengine's non-strict load re-initialises the mismatched
+            ``mask_norm`` with a warning). Never for ``--resume``.
+            Default: True.
         loss_decode (dict | list[dict]): Losses. Pixel losses (e.g.
             ``CrossEntropyLoss``) act on the segmentation logits; prototype
             losses (``PixelPrototypeContrastLoss``,
@@ -103,6 +111,7 @@ class ProtoHead(BaseDecodeHead):
                  fused_losses: bool = True,
                  similarity_chunk: Optional[int] = None,
                  reference_width_norm: bool = False,
+                 load_prototypes: bool = True,
                  loss_decode: ConfigType = (
                      dict(type='CrossEntropyLoss', loss_weight=1.0),
                      dict(type='PixelPrototypeContrastLoss', loss_weight=0.01),
@@ -110,21 +119,17 @@ class ProtoHead(BaseDecodeHead):
                           loss_weight=0.001)),
                  init_cfg: Optional[ConfigType] = None,
                  **kwargs) -> None:
-        _check_options(projection, num_prototypes, momentum,
-                       sinkhorn_epsilon, sinkhorn_iters)
-        if not isinstance(decoder, dict) or 'type' not in decoder:
-            raise TypeError('ProtoHead: `decoder` must be the config dict of '
-                            "an MMSeg decode head, e.g. dict(type="
-                            f"'SegformerHead', ...), got {decoder!r}")
-        decoder = copy.deepcopy(dict(decoder))
+        _check_options(num_classes=num_classes, embed_dims=embed_dims,
+                       projection=projection, num_prototypes=num_prototypes,
+                       momentum=momentum, sinkhorn_epsilon=sinkhorn_epsilon,
+                       sinkhorn_iters=sinkhorn_iters, sync_sinkhorn=sync_sinkhorn,
+                       fused_losses=fused_losses,
+                       similarity_chunk=similarity_chunk,
+                       reference_width_norm=reference_width_norm,
+                       load_prototypes=load_prototypes)
+        decoder = copy.deepcopy(dict(_check_decoder(decoder)))
         decoder['num_classes'] = num_classes
         decoder.pop('loss_decode', None)
-        if isinstance(decoder['type'], str) and \
-                MODELS.get(decoder['type']) is None:
-            raise KeyError(f"ProtoHead: unknown decoder type "
-                           f"'{decoder['type']}': use a decode head "
-                           'registered in mmseg.registry.MODELS, e.g. '
-                           'FCNHead, SegformerHead, UPerHead')
         decoder_module = MODELS.build(decoder)
         feat_dims = decoder_module.channels
         embed_dims = feat_dims if embed_dims is None else embed_dims
@@ -163,15 +168,14 @@ class ProtoHead(BaseDecodeHead):
         standard = len(types) == len(set(types)) and set(types) <= {
             PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss}
         self.fused_losses = fused_losses and standard
-        if similarity_chunk is not None and (
-                not isinstance(similarity_chunk, int) or similarity_chunk < 1
-                or not standard):
+        if similarity_chunk is not None and not standard:
             raise ValueError(
-                f'ProtoHead: similarity_chunk={similarity_chunk!r} needs an '
-                'integer >= 1 and the standard prototype losses (at most one '
+                f'ProtoHead: similarity_chunk={similarity_chunk!r} needs the '
+                'standard prototype losses (at most one '
                 'PixelPrototypeContrastLoss and one PixelPrototypeDistanceLoss)')
         self.similarity_chunk = similarity_chunk
         self.reference_width_norm = reference_width_norm
+        self.load_prototypes = load_prototypes
         self.projection_type = projection
         if projection == 'none':
             self.projection = nn.Identity()
@@ -476,9 +480,16 @@ class ProtoHead(BaseDecodeHead):
         return counts > 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Refuse prototypes of another shape with a clear message."""
+        """Keep the prototypes with ``load_prototypes=False``; refuse
+        prototypes of another shape with a message saying what to change."""
         key = prefix + 'prototypes'
-        if key in state_dict and \
+        if key in state_dict and not self.load_prototypes:
+            print_log(f'ProtoHead: load_prototypes=False, keeping the initial '
+                      f'prototypes instead of the loaded {key} of shape '
+                      f'{tuple(state_dict[key].shape)}', logger='current')
+            state_dict = dict(state_dict)
+            state_dict[key] = self.prototypes.clone()
+        elif key in state_dict and \
                 state_dict[key].shape != self.prototypes.shape:
             c, k, d = state_dict[key].shape if state_dict[key].dim() == 3 \
                 else (None, None, None)
@@ -486,27 +497,74 @@ class ProtoHead(BaseDecodeHead):
                 f'ProtoHead: the checkpoint holds prototypes of shape '
                 f'{tuple(state_dict[key].shape)} (num_classes={c}, '
                 f'num_prototypes={k}, embed_dims={d}) but this model has '
-                f'{tuple(self.prototypes.shape)}; set the head\'s '
-                'num_classes / num_prototypes / embed_dims to match the '
-                'checkpoint')
+                f'{tuple(self.prototypes.shape)}. To continue or evaluate '
+                "that model, set the head's num_classes / num_prototypes / "
+                'embed_dims to match the checkpoint. To fine-tune it on '
+                'another class set or K, set load_prototypes=False in the '
+                'head (model.decode_head.load_prototypes=False): the '
+                'prototypes start fresh and everything else loads')
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _check_options(projection: str, num_prototypes: int, momentum: float,
-                   epsilon: float, iters: int) -> None:
-    """Validate ProtoHead options, naming the config key at fault."""
-    problems: List[str] = []
-    if projection not in PROJECTIONS:
-        problems.append(f'projection={projection!r} (use one of '
-                        f'{PROJECTIONS})')
-    if not isinstance(num_prototypes, int) or num_prototypes < 1:
-        problems.append(f'num_prototypes={num_prototypes!r} (must be an '
-                        'integer >= 1)')
-    if not 0.0 <= momentum <= 1.0:
-        problems.append(f'momentum={momentum!r} (must be in [0, 1])')
-    if not epsilon > 0:
-        problems.append(f'sinkhorn_epsilon={epsilon!r} (must be > 0)')
-    if not isinstance(iters, int) or iters < 1:
-        problems.append(f'sinkhorn_iters={iters!r} (must be an integer >= 1)')
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# option -> (check, what it must be)
+OPTION_RULES = {
+    'num_classes': (lambda v: _is_int(v) and v >= 2,
+                    'an integer >= 2; the class scores go through a LayerNorm '
+                    'over classes, constant for one class: for binary '
+                    'segmentation use num_classes=2 (background, foreground)'),
+    'embed_dims': (lambda v: v is None or (_is_int(v) and v >= 1),
+                   "None (the decoder's channels) or an integer >= 1"),
+    'projection': (lambda v: v in PROJECTIONS, f'one of {PROJECTIONS}'),
+    'num_prototypes': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'momentum': (lambda v: _is_real(v) and 0.0 <= v <= 1.0,
+                 'a number in [0, 1]'),
+    'sinkhorn_epsilon': (lambda v: _is_real(v) and v > 0, 'a number > 0'),
+    'sinkhorn_iters': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'sync_sinkhorn': (lambda v: isinstance(v, bool), 'True or False'),
+    'fused_losses': (lambda v: isinstance(v, bool), 'True or False'),
+    'similarity_chunk': (lambda v: v is None or (_is_int(v) and v >= 1),
+                         'None or an integer >= 1'),
+    'reference_width_norm': (lambda v: isinstance(v, bool), 'True or False'),
+    'load_prototypes': (lambda v: isinstance(v, bool), 'True or False'),
+}
+
+
+def _check_options(**options) -> None:
+    """Validate ProtoHead options, naming every config key at fault."""
+    problems = [f'{key}={value!r} (must be {OPTION_RULES[key][1]})'
+                for key, value in options.items()
+                if not OPTION_RULES[key][0](value)]
     if problems:
         raise ValueError('ProtoHead: invalid ' + '; '.join(problems))
+
+
+def _check_decoder(decoder) -> dict:
+    """The decoder config, if it names a registered MMSeg decode head."""
+    if not isinstance(decoder, dict) or 'type' not in decoder:
+        raise TypeError('ProtoHead: `decoder` must be the config dict of '
+                        "an MMSeg decode head, e.g. dict(type="
+                        f"'SegformerHead', ...), got {decoder!r}")
+    cls = decoder['type']
+    if isinstance(cls, str):
+        cls = MODELS.get(cls)
+        if cls is None:
+            raise KeyError(f"ProtoHead: unknown decoder type "
+                           f"'{decoder['type']}': use a decode head "
+                           'registered in mmseg.registry.MODELS, e.g. '
+                           'FCNHead, SegformerHead, UPerHead')
+    if not (isinstance(cls, type) and issubclass(cls, BaseDecodeHead)):
+        raise TypeError(
+            f"ProtoHead: decoder type {decoder['type']!r} is not an MMSeg "
+            'decode head. A decoder must be a BaseDecodeHead subclass (it has '
+            '`channels` and ends in the 1x1 classifier `conv_seg`, whose '
+            'input features become the embedding), e.g. FCNHead, '
+            'SegformerHead, UPerHead, PSPHead, ASPPHead')
+    return decoder

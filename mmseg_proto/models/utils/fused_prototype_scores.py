@@ -35,7 +35,8 @@ class FusedPrototypeScores(torch.autograd.Function):
 
     Numerics: ``exp(Z)`` is taken without subtracting the row maximum when
     ``max(Z) + log(K*C) < 80`` (always for unit vectors with the default
-    T = 0.1): the sum then neither overflows nor underflows in fp32 and
+    T = 1, where max(Z) <= 1, and with the paper's T = 0.1, where
+    max(Z) <= 10): the sum then neither overflows nor underflows in fp32 and
     equals the shifted computation up to rounding. Otherwise (a very low
     temperature) the row maximum, read from the (N, C) class scores, is
     subtracted first, as ``logsumexp`` does. Class scores and PPD use

@@ -1,0 +1,92 @@
+"""PrototypeUpdateHook: the momentum update computed by hand, once per optimizer step."""
+from types import SimpleNamespace
+
+import torch
+from conftest import make_head, make_samples
+from mmengine.logging import MMLogger, MessageHub
+from mmengine.optim import OptimWrapper
+
+from mmseg_proto.engine.hooks import PrototypeUpdateHook
+
+
+def hand_ema(protos, sums, counts, momentum):
+    """p <- normalise(mu * p + (1 - mu) * normalise(sum)) where count > 0, by hand."""
+    c, k, d = protos.shape
+    out = protos.reshape(c * k, d).clone()
+    for i in range(c * k):
+        if counts[i] > 0:
+            mean = sums[i] / sums[i].norm()
+            new = momentum * out[i] + (1 - momentum) * mean
+            out[i] = new / new.norm()
+    return out.view(c, k, d)
+
+
+def test_ema_direction_at_momentum_0_9():
+    head = make_head(num_classes=2, channels=2, num_prototypes=2, momentum=0.9)
+    with torch.no_grad():
+        head.prototypes.copy_(torch.tensor([[[1., 0.], [0., 1.]], [[-1., 0.], [0., -1.]]]))
+    sums = torch.zeros(4, 2)
+    sums[0] = torch.tensor([0., 3.])
+    head.update_prototypes(sums, torch.tensor([3., 0., 0., 0.]))
+    # 0.9 * (1, 0) + 0.1 * (0, 1), renormalised: the old prototype dominates.
+    expected = torch.tensor([0.9, 0.1]) / (0.82**0.5)
+    torch.testing.assert_close(head.prototypes[0, 0], expected)
+
+
+def fake_runner(head, accumulative_counts):
+    model = torch.nn.Module()
+    model.decode_head = head
+    param = torch.nn.Parameter(torch.zeros(1))
+    wrapper = OptimWrapper(torch.optim.SGD([param], lr=0.1),
+                           accumulative_counts=accumulative_counts)
+    wrapper.initialize_count_status(model, 0, 100)
+    runner = SimpleNamespace(model=model, optim_wrapper=wrapper, iter=0,
+                             message_hub=MessageHub.get_instance('hook_test'),
+                             logger=MMLogger.get_instance('hook_test'))
+    return runner, param
+
+
+def test_accumulated_iterations_give_one_update_from_their_summed_statistics():
+    torch.manual_seed(0)
+    head = make_head(num_classes=3, channels=8, num_prototypes=2, momentum=0.8)
+    hook = PrototypeUpdateHook(log_interval=0)
+    runner, param = fake_runner(head, accumulative_counts=2)
+    start = head.prototypes.clone()
+    g = torch.Generator().manual_seed(0)
+    stats = []
+    for it in range(2):
+        x = [torch.randn(2, 8, 6, 5, generator=g)]
+        labels = torch.randint(0, 3, (2, 6, 5), generator=g)
+        losses = head.loss(x, make_samples(labels), None)
+        stats.append(tuple(t.clone() for t in head._proto_stats))
+        runner.iter = it
+        runner.optim_wrapper.update_params(
+            sum(v for k, v in losses.items() if k.startswith('loss')) + param.sum())
+        hook.after_train_iter(runner, it)
+        if it == 0:  # the optimizer did not step: neither may the prototypes
+            assert torch.equal(head.prototypes, start)
+    sums = stats[0][0] + stats[1][0]
+    counts = stats[0][1] + stats[1][1]
+    assert counts.sum() > 0
+    expected = hand_ema(start, sums, counts, 0.8)
+    torch.testing.assert_close(head.prototypes, expected)
+    # Not two updates, one from each half.
+    twice = hand_ema(hand_ema(start, *stats[0], 0.8), *stats[1], 0.8)
+    assert not torch.allclose(head.prototypes, twice)
+
+
+def test_without_accumulation_every_iteration_updates():
+    torch.manual_seed(0)
+    head = make_head(num_classes=3, channels=8, num_prototypes=2, momentum=0.7)
+    hook = PrototypeUpdateHook(log_interval=0)
+    runner, param = fake_runner(head, accumulative_counts=1)
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(2, 8, 6, 5, generator=g)]
+    labels = torch.randint(0, 3, (2, 6, 5), generator=g)
+    start = head.prototypes.clone()
+    losses = head.loss(x, make_samples(labels), None)
+    sums, counts = (t.clone() for t in head._proto_stats)
+    runner.optim_wrapper.update_params(losses['loss_ce'] + param.sum())
+    hook.after_train_iter(runner, 0)
+    torch.testing.assert_close(head.prototypes, hand_ema(start, sums, counts, 0.7))
+    assert counts.sum() > 0
