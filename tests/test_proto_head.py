@@ -242,7 +242,8 @@ def test_fused_class_score_ties_share_the_gradient():
                                               torch.full((5, ), -1), c, k,
                                               1.0)
     scores.sum().backward()
-    # Half of the gradient to each tied copy: the max's gradient.
+    # A tied max passes on the max's gradient once (whichever copy takes
+    # it), not once per tied copy.
     torch.testing.assert_close(emb.grad, protos[:c].sum(0).expand(5, 4))
     torch.testing.assert_close(scores, sims[:, :c])
 

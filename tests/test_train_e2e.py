@@ -44,7 +44,9 @@ def test_protohead_trains_resumes_and_evaluates(tmp_path):
     torch.testing.assert_close(head.prototypes.norm(dim=-1),
                                torch.ones(11, 10))
     metrics = runner.val_loop.run()
-    assert 0.0 <= metrics['mIoU'] <= 100.0
+    # Better than the all-one-class answers the untrained head gives (the
+    # bundled val images: most frequent class ~25% of the pixels).
+    assert metrics['aAcc'] > 30.0
     assert osp.exists(tmp_path / 'iter_30.pth')
     trained = head.prototypes.clone()
 

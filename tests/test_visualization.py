@@ -94,10 +94,11 @@ def test_diagnostics_in_message_hub_and_logs(trained):
         assert key in scalars, f'{key} not logged'
         assert 'loss' not in key  # mmseg would add it to the total loss
         assert len(scalars[key]._log_history) == 2  # iterations 5 and 10
-    for key in ('train/proto_updated', 'train/proto_used',
-                'train/proto_entropy'):
-        assert 0.0 <= scalars[key].current() <= 1.0
-    assert scalars['train/proto_shift_deg'].current() >= 0.0
+    # Some prototypes were updated and moved; Sinkhorn spread pixels over
+    # several prototypes (neither one-hot, entropy 0, nor uniform, 1).
+    assert 0.0 < scalars['train/proto_updated'].current() <= 1.0
+    assert scalars['train/proto_shift_deg'].current() > 0.0
+    assert 0.0 < scalars['train/proto_entropy'].current() < 1.0
     assert 0.0 < scalars['train/proto_used'].current()
     assert 'train/decode.loss_ppc' in scalars
     # Console/text log and JSON log (LoggerHook), per-class entropies in
