@@ -19,9 +19,6 @@ setup(
     long_description=open(osp.join(HERE, 'README.md')).read(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmseg_proto', 'mmseg_proto.*']),
-    # C source of the optional CPU kernels, compiled on first use
-    # (mmseg_proto/models/utils/cpu_kernels.py).
-    package_data={'mmseg_proto.models.utils': ['csrc/*.c']},
     python_requires='>=3.8',
     # The MMSeg stack is not required by distribution name: OpenMMLab's (mmsegmentation, mmcv,
     # mmengine) and OneDL's (onedl-mmsegmentation, onedl-mmcv, onedl-mmengine) install the

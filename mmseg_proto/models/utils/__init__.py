@@ -1,7 +1,5 @@
-from . import cpu_kernels
 from .fused_prototype_scores import FusedPrototypeScores
 from .l2_normalize import L2Normalize, l2_normalize
 from .sinkhorn import sinkhorn_knopp
 
-__all__ = ['FusedPrototypeScores', 'L2Normalize', 'cpu_kernels',
-           'l2_normalize', 'sinkhorn_knopp']
+__all__ = ['FusedPrototypeScores', 'L2Normalize', 'l2_normalize', 'sinkhorn_knopp']
