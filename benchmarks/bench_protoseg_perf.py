@@ -104,7 +104,8 @@ def train_step(model, optim, imgs, samples):
     loss.backward()
     optim.step()
     for head in proto_heads(model):  # what PrototypeUpdateHook does
-        head.update_prototypes(*head.pop_prototype_statistics())
+        stats = head.take_statistics()
+        head.update_prototypes(stats.sums, stats.counts)
 
 
 @torch.no_grad()
@@ -120,7 +121,8 @@ def head_train_step(model, feats, samples):
     loss, _ = model.parse_losses(losses)
     loss.backward()
     for h in proto_heads(model):
-        h.update_prototypes(*h.pop_prototype_statistics())
+        stats = h.take_statistics()
+        h.update_prototypes(stats.sums, stats.counts)
     model.zero_grad(set_to_none=True)
 
 

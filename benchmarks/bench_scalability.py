@@ -69,7 +69,8 @@ def run_case(kind, c, k, channels, size, batch, repeats, device_name,
         losses = head.loss(feats, samples, None)
         sum(v for n, v in losses.items() if n.startswith('loss')).backward()
         if kind == 'protoseg':
-            head.update_prototypes(*head.pop_prototype_statistics())
+            stats = head.take_statistics()
+            head.update_prototypes(stats.sums, stats.counts)
 
     @torch.no_grad()
     def infer():

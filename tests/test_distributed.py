@@ -55,6 +55,7 @@ import textwrap
 
 import torch
 from conftest import PROTO_CFG, REPO
+from mmengine.runner import CheckpointLoader  # mmengine's loader, as the Runner uses
 
 ITERS = 4
 
@@ -237,6 +238,7 @@ def test_two_ranks_match_each_other_and_single_process(tmp_path):
         torch.testing.assert_close(p.norm(dim=-1), torch.ones(p.shape[:2]))
 
     # The checkpoint saved by rank 0 holds the synchronised prototypes.
-    ckpt = torch.load(dist_dir / f'iter_{ITERS}.pth', map_location='cpu')
+    ckpt = CheckpointLoader.load_checkpoint(
+        str(dist_dir / f'iter_{ITERS}.pth'), map_location='cpu')
     assert torch.equal(ckpt['state_dict']['decode_head.prototypes'], p0)
     assert torch.equal(ckpt['state_dict']['auxiliary_head.prototypes'], a0)

@@ -81,10 +81,10 @@ def train_one_step(model, num_classes, size=64, batch=2):
     assert torch.isfinite(total), losses
     total.backward()
     head = model.decode_head
-    stats = head.pop_prototype_statistics()
+    stats = head.take_statistics()
     assert stats is not None
     before = head.prototypes.clone()
-    head.update_prototypes(*stats)
+    head.update_prototypes(stats.sums, stats.counts)
     assert head.prototypes.shape == before.shape
     assert torch.isfinite(head.prototypes).all()
     return losses

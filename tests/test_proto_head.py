@@ -55,7 +55,8 @@ def test_loss_keys_and_targets(seeded):
     assert {'loss_ce', 'loss_ppc', 'loss_ppd', 'acc_seg'} <= set(losses)
     for key in ('loss_ce', 'loss_ppc', 'loss_ppd'):
         assert torch.isfinite(losses[key]) and losses[key] > 0
-    sums, counts = head.pop_prototype_statistics()
+    stats = head.take_statistics()
+    sums, counts = stats.sums, stats.counts
     assert sums.shape == (12, 8) and counts.shape == (12, )
 
 
@@ -97,7 +98,8 @@ def test_only_correct_pixels_count():
     labels = pred.clone()
     labels[0, :] = 1 - pred[0, :]  # first row: all wrong
     head.loss(x, make_samples(labels[None]), None)
-    sums, counts = head.pop_prototype_statistics()
+    stats = head.take_statistics()
+    sums, counts = stats.sums, stats.counts
     assert counts.sum() == 12
     emb = head.embed(x)[0]
     correct = labels == pred
@@ -114,7 +116,8 @@ def test_targets_beyond_255_are_used_not_ignored(seeded):
     labels[0, 0] = 27
     losses = head.loss(feats(b=1), make_samples(labels), None)
     assert losses['loss_ppc'] > 0 and losses['loss_ppd'] > 0
-    sums, counts = head.pop_prototype_statistics()
+    stats = head.take_statistics()
+    sums, counts = stats.sums, stats.counts
     # Pixels of classes 27 and 29 reach the statistics of their prototypes.
     head2 = make_head(num_classes=30, num_prototypes=10)
     head2.load_state_dict(head.state_dict())
@@ -123,7 +126,8 @@ def test_targets_beyond_255_are_used_not_ignored(seeded):
         head2.mask_norm.bias[29] = 100.0  # every pixel predicted as 29
     labels = torch.full((1, 6, 5), 29)
     head2.loss(feats(b=1), make_samples(labels), None)
-    sums, counts = head2.pop_prototype_statistics()
+    stats = head2.take_statistics()
+    sums, counts = stats.sums, stats.counts
     assert counts[290:].sum() == 30 and counts[:290].sum() == 0
 
 
@@ -141,7 +145,7 @@ def test_bad_labels_rejected_before_state_changes(seeded):
     labels[0, 0, 0] = 7
     with pytest.raises(ValueError, match=r'label values \[7\]'):
         head.loss(feats(), make_samples(labels), None)
-    assert head.pop_prototype_statistics() is None
+    assert head.take_statistics() is None
 
 
 @pytest.mark.parametrize('kwargs,match', [
@@ -223,12 +227,12 @@ def test_fused_losses_equal_unfused_values_and_gradients(temperature):
         losses = head.loss(x, make_samples(labels), None)
         total = sum(v for n, v in losses.items() if n.startswith('loss'))
         total.backward()
-        out[fused] = (losses, x[0].grad, head.pop_prototype_statistics())
+        out[fused] = (losses, x[0].grad, head.take_statistics())
     for key in ('loss_ce', 'loss_ppc', 'loss_ppd', 'acc_seg'):
         torch.testing.assert_close(out[True][0][key], out[False][0][key])
     torch.testing.assert_close(out[True][1], out[False][1])
-    torch.testing.assert_close(out[True][2][0], out[False][2][0])
-    torch.testing.assert_close(out[True][2][1], out[False][2][1])
+    torch.testing.assert_close(out[True][2].sums, out[False][2].sums)
+    torch.testing.assert_close(out[True][2].counts, out[False][2].counts)
 
 
 def test_fused_class_score_ties_share_the_gradient():
@@ -326,12 +330,12 @@ def test_streamed_similarities_equal_fused_values_and_gradients(temperature):
         x = [t.clone().requires_grad_() for t in feats()]
         losses = head.loss(x, make_samples(labels), None)
         sum(v for n, v in losses.items() if n.startswith('loss')).backward()
-        out[chunk] = (losses, x[0].grad, head.pop_prototype_statistics())
+        out[chunk] = (losses, x[0].grad, head.take_statistics())
     for key in ('loss_ce', 'loss_ppc', 'loss_ppd', 'acc_seg'):
         torch.testing.assert_close(out[7][0][key], out[None][0][key])
     torch.testing.assert_close(out[7][1], out[None][1])
-    torch.testing.assert_close(out[7][2][0], out[None][2][0])
-    torch.testing.assert_close(out[7][2][1], out[None][2][1])
+    torch.testing.assert_close(out[7][2].sums, out[None][2].sums)
+    torch.testing.assert_close(out[7][2].counts, out[None][2].counts)
 
 
 def test_similarity_chunk_needs_standard_losses():

@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import PROTO_CFG, REPO
 from mmengine.config import Config
-from mmengine.runner import Runner
+from mmengine.runner import CheckpointLoader, Runner
 
 N = 2
 # Smaller crops than the shipped 160x160 keep these runs short.
@@ -105,8 +105,8 @@ def test_exact_resume(tmp_path, one_thread):
     assert resumed.iter == 2 * N
     protos2, weights2, optim2 = final_state(resumed)
 
-    start = torch.load(tmp_path / 'split' / f'iter_{N}.pth',
-                       map_location='cpu')['state_dict']
+    start = CheckpointLoader.load_checkpoint(
+        str(tmp_path / 'split' / f'iter_{N}.pth'), map_location='cpu')['state_dict']
     assert not torch.equal(start['decode_head.prototypes'], protos2)
     assert torch.equal(protos, protos2)
     assert weights.keys() == weights2.keys()
@@ -169,7 +169,7 @@ def test_sigkill_then_resume_finishes(tmp_path):
         'resumed' in out.lower(), out[-3000:]
     final = work_dir / f'iter_{max_iters}.pth'
     assert final.exists()
-    ckpt = torch.load(final, map_location='cpu')
+    ckpt = CheckpointLoader.load_checkpoint(str(final), map_location='cpu')
     assert ckpt['meta']['iter'] == max_iters
     protos = ckpt['state_dict']['decode_head.prototypes']
     assert torch.isfinite(protos).all()

@@ -46,11 +46,18 @@ def fake_runner(model, it=0):
         message_hub=MessageHub.get_instance('test_robustness'))
 
 
+def run_hook(runner, it, hook=None):
+    """What the Runner calls of PrototypeUpdateHook for one iteration."""
+    hook = hook or PrototypeUpdateHook(log_interval=1)
+    hook.before_train(runner)
+    hook.after_train_iter(runner, it)
+
+
 def step(head, inputs, labels, hook=None, it=0):
     """One head loss + hook update; returns (losses, runner stand-in)."""
     losses = head.loss(inputs, make_samples(labels), None)
     runner = fake_runner(head, it)
-    (hook or PrototypeUpdateHook(log_interval=1)).after_train_iter(runner, it)
+    run_hook(runner, it, hook)
     return losses, runner
 
 
@@ -185,7 +192,7 @@ def test_all_ignore_batch(seeded):
     for name, p in head.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
     runner = fake_runner(head)
-    PrototypeUpdateHook(log_interval=1).after_train_iter(runner, 0)
+    run_hook(runner, 0)
     runner.logger.warning.assert_not_called()
     assert torch.equal(head.prototypes, before)  # bit-identical
 
@@ -197,7 +204,8 @@ def test_class_with_fewer_pixels_than_prototypes(seeded):
     labels[1, 0, :2] = 2  # two pixels of class 2
     losses = head.loss(feats(), make_samples(labels), None)
     assert_finite_losses(losses)
-    sums, counts = head.pop_prototype_statistics()
+    stats = head.take_statistics()
+    sums, counts = stats.sums, stats.counts
     assert counts.view(3, 5)[1].sum() <= 1 and counts.view(3, 5)[2].sum() <= 2
     head.update_prototypes(sums, counts)
     assert torch.isfinite(head.prototypes).all()
@@ -282,10 +290,9 @@ def test_bf16_autocast_head_training_steps(seeded):
             assert_finite_losses(losses)
             sum(v for k, v in losses.items() if 'loss' in k).backward()
             opt.step()
-            sums, counts = head._proto_stats
+            sums, counts = head._statistics.sums, head._statistics.counts
             assert sums.dtype == torch.float32
-            PrototypeUpdateHook(log_interval=1).after_train_iter(
-                fake_runner(head, it), it)
+            run_hook(fake_runner(head, it), it)
     assert calls and all(s == torch.bfloat16 and t == torch.float32
                          for s, t, _ in calls)
     assert head.prototypes.dtype == torch.float32
@@ -314,7 +321,7 @@ def test_bf16_autocast_full_model_from_config(seeded):
     loss, _ = model.parse_losses(losses)
     loss.backward()
     runner = fake_runner(model)
-    PrototypeUpdateHook(log_interval=1).after_train_iter(runner, 0)
+    run_hook(runner, 0)
     runner.logger.warning.assert_not_called()
     protos = model.decode_head.prototypes
     assert protos.dtype == torch.float32 and torch.isfinite(protos).all()
@@ -406,7 +413,7 @@ def test_fuzz_head_loss_and_update(seed):
         losses = head.loss(inputs, make_samples(labels), None)
     assert_finite_losses(losses)
     runner = fake_runner(head, seed)
-    PrototypeUpdateHook(log_interval=1).after_train_iter(runner, seed)
+    run_hook(runner, seed)
     runner.logger.warning.assert_not_called()
     assert torch.isfinite(head.prototypes).all()
     torch.testing.assert_close(head.prototypes.norm(dim=-1),

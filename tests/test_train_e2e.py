@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import BASELINE_CFG, PROTO_CFG
 from mmengine.config import Config
-from mmengine.runner import Runner
+from mmengine.runner import CheckpointLoader, Runner
 
 
 def small_cfg(path, work_dir, max_iters, ckpt_interval, **extra):
@@ -51,7 +51,8 @@ def test_protohead_trains_resumes_and_evaluates(tmp_path):
     trained = head.prototypes.clone()
 
     # The checkpoint holds the prototypes and resumes (torch >= 2.6 loading).
-    ckpt = torch.load(tmp_path / 'iter_30.pth', map_location='cpu')
+    ckpt = CheckpointLoader.load_checkpoint(
+        str(tmp_path / 'iter_30.pth'), map_location='cpu')
     assert torch.equal(ckpt['state_dict']['decode_head.prototypes'], trained)
     cfg2 = small_cfg(PROTO_CFG, tmp_path / 'resumed', max_iters=33,
                      ckpt_interval=33, resume=True,

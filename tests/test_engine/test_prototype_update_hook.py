@@ -51,6 +51,7 @@ def test_accumulated_iterations_give_one_update_from_their_summed_statistics():
     head = make_head(num_classes=3, channels=8, num_prototypes=2, momentum=0.8)
     hook = PrototypeUpdateHook(log_interval=0)
     runner, param = fake_runner(head, accumulative_counts=2)
+    hook.before_train(runner)
     start = head.prototypes.clone()
     g = torch.Generator().manual_seed(0)
     stats = []
@@ -58,7 +59,7 @@ def test_accumulated_iterations_give_one_update_from_their_summed_statistics():
         x = [torch.randn(2, 8, 6, 5, generator=g)]
         labels = torch.randint(0, 3, (2, 6, 5), generator=g)
         losses = head.loss(x, make_samples(labels), None)
-        stats.append(tuple(t.clone() for t in head._proto_stats))
+        stats.append((head._statistics.sums.clone(), head._statistics.counts.clone()))
         runner.iter = it
         runner.optim_wrapper.update_params(
             sum(v for k, v in losses.items() if k.startswith('loss')) + param.sum())
@@ -80,12 +81,13 @@ def test_without_accumulation_every_iteration_updates():
     head = make_head(num_classes=3, channels=8, num_prototypes=2, momentum=0.7)
     hook = PrototypeUpdateHook(log_interval=0)
     runner, param = fake_runner(head, accumulative_counts=1)
+    hook.before_train(runner)
     g = torch.Generator().manual_seed(0)
     x = [torch.randn(2, 8, 6, 5, generator=g)]
     labels = torch.randint(0, 3, (2, 6, 5), generator=g)
     start = head.prototypes.clone()
     losses = head.loss(x, make_samples(labels), None)
-    sums, counts = (t.clone() for t in head._proto_stats)
+    sums, counts = (head._statistics.sums.clone(), head._statistics.counts.clone())
     runner.optim_wrapper.update_params(losses['loss_ce'] + param.sum())
     hook.after_train_iter(runner, 0)
     torch.testing.assert_close(head.prototypes, hand_ema(start, sums, counts, 0.7))

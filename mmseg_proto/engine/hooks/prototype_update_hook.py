@@ -1,5 +1,5 @@
 """Hook applying ProtoSeg's momentum prototype update every iteration."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from mmengine.dist import all_reduce, get_world_size
@@ -8,6 +8,7 @@ from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
 
 from ...models.decode_heads.proto_head import ProtoHead
+from ...models.utils.prototype_statistics import PrototypeStatistics
 
 
 @HOOKS.register_module()
@@ -69,9 +70,11 @@ class PrototypeUpdateHook(Hook):
         self.per_class_entropy = per_class_entropy
         if priority is not None:
             self.priority = priority
+        # The ProtoHeads of the model, found in before_train.
+        self.heads: List[ProtoHead] = []
         # Per head: statistics summed over the iterations accumulated into
         # the coming optimizer step.
-        self._pending: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending: Dict[int, PrototypeStatistics] = {}
 
     @staticmethod
     def proto_heads(model: torch.nn.Module) -> List[ProtoHead]:
@@ -81,7 +84,8 @@ class PrototypeUpdateHook(Hook):
         return [m for m in model.modules() if isinstance(m, ProtoHead)]
 
     def before_train(self, runner) -> None:
-        if not self.proto_heads(runner.model):
+        self.heads = self.proto_heads(runner.model)
+        if not self.heads:
             runner.logger.warning('PrototypeUpdateHook: the model has no '
                                   'ProtoHead; the hook does nothing.')
 
@@ -89,24 +93,22 @@ class PrototypeUpdateHook(Hook):
                           data_batch=None) -> None:
         # Sinkhorn diagnostics cost a little: only on logging iterations.
         log_now = self._log_now(runner)
-        for head in self.proto_heads(runner.model):
+        for head in self.heads:
             head.collect_assignments = log_now
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
-        for i, head in enumerate(self.proto_heads(runner.model)):
-            stats = head.pop_prototype_statistics()
-            assign_stats = head.pop_assignment_statistics()
+        for i, head in enumerate(self.heads):
+            stats = head.take_statistics()
             if stats is None:
                 continue
-            sums, counts = stats
             if i in self._pending:
-                sums = sums + self._pending[i][0]
-                counts = counts + self._pending[i][1]
+                stats = self._pending.pop(i) + stats
             if not _optimizer_stepped(runner):
-                self._pending[i] = (sums, counts)
+                self._pending[i] = stats
                 continue
-            self._pending.pop(i, None)
+            sums, counts, assign_stats = (stats.sums, stats.counts,
+                                          stats.assignments)
             if get_world_size() > 1:
                 all_reduce(sums, op='sum')
                 all_reduce(counts, op='sum')
@@ -162,7 +164,8 @@ class PrototypeUpdateHook(Hook):
 def _optimizer_stepped(runner) -> bool:
     """Whether the optimizer stepped in this iteration: False only on the
     accumulating iterations of ``accumulative_counts > 1``."""
-    should_update = getattr(runner.optim_wrapper, 'should_update', None)
+    should_update = getattr(getattr(runner, 'optim_wrapper', None),
+                            'should_update', None)
     return bool(should_update()) if callable(should_update) else True
 
 

@@ -17,6 +17,7 @@ from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
 from ..utils.chunked_prototype_scores import ChunkedPrototypeScores
 from ..utils.fused_prototype_scores import FusedPrototypeScores
 from ..utils.l2_normalize import l2_normalize
+from ..utils.prototype_statistics import PrototypeStatistics
 from ..utils.sinkhorn import sinkhorn_knopp
 
 PROJECTIONS = ('none', 'linear', 'mlp')
@@ -190,13 +191,10 @@ class ProtoHead(BaseDecodeHead):
         prototypes = torch.zeros(num_classes, num_prototypes, embed_dims)
         trunc_normal_(prototypes, std=0.02)
         self.register_buffer('prototypes', F.normalize(prototypes, dim=-1))
-        # (sums, counts) collected by the last `loss` call, consumed by
-        # PrototypeUpdateHook.
-        self._proto_stats: Optional[Tuple[Tensor, Tensor]] = None
-        # Detached Sinkhorn statistics of the last `loss` call, for logging
-        # by PrototypeUpdateHook (see `assignment_statistics`); computed
-        # only in iterations where the hook sets `collect_assignments`.
-        self._assign_stats: Optional[Dict[str, Tensor]] = None
+        # The statistics of the last `loss` call, until PrototypeUpdateHook
+        # takes them (`take_statistics`). The hook sets `collect_assignments`
+        # on the iterations it logs, to add the Sinkhorn diagnostics.
+        self._statistics: Optional[PrototypeStatistics] = None
         self.collect_assignments = False
 
     def _split_losses(self) -> None:
@@ -282,7 +280,7 @@ class ProtoHead(BaseDecodeHead):
     def loss(self, inputs: Sequence[Tensor], batch_data_samples: SampleList,
              train_cfg: ConfigType) -> Dict[str, Tensor]:
         """Losses for one batch; also collects the prototype statistics."""
-        if self._proto_stats is not None:
+        if self._statistics is not None:
             raise RuntimeError(
                 'ProtoHead: the prototype statistics of the previous training '
                 'iteration were never applied, so the prototypes would never '
@@ -371,10 +369,10 @@ class ProtoHead(BaseDecodeHead):
             # update (on every rank, after its all-reduce); no host sync.
             sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
             counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
-            if self.collect_assignments:
-                self._assign_stats = self.assignment_statistics(
-                    labels_v, proto_index, transport)
-        self._proto_stats = (sums, counts)
+            assignments = self.assignment_statistics(
+                labels_v, proto_index, transport) \
+                if self.collect_assignments else None
+        self._statistics = PrototypeStatistics(sums, counts, assignments)
         return losses
 
     def _inv_temperature(self) -> float:
@@ -442,14 +440,10 @@ class ProtoHead(BaseDecodeHead):
             pixels=torch.bincount(labels, minlength=c).float(),
             assigned=torch.bincount(targets, minlength=c * k).float())
 
-    def pop_assignment_statistics(self) -> Optional[Dict[str, Tensor]]:
-        """Take the :meth:`assignment_statistics` of the last ``loss``."""
-        stats, self._assign_stats = self._assign_stats, None
-        return stats
-
-    def pop_prototype_statistics(self) -> Optional[Tuple[Tensor, Tensor]]:
-        """Take the (sums (C*K, D), counts (C*K,)) of the last ``loss``."""
-        stats, self._proto_stats = self._proto_stats, None
+    def take_statistics(self) -> Optional[PrototypeStatistics]:
+        """Take the :class:`PrototypeStatistics` of the last ``loss`` call
+        (None if there was none since the last take)."""
+        stats, self._statistics = self._statistics, None
         return stats
 
     @torch.no_grad()
