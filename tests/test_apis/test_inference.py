@@ -1,0 +1,65 @@
+"""MMSeg's inference APIs on a ProtoHead checkpoint: init_model / inference_model and
+MMSegInferencer (one image, a folder, saved visualisations)."""
+import glob
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from conftest import CAMVID_MINI, PROTO_CFG
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+VAL_DIR = osp.join(CAMVID_MINI, 'img_dir', 'val')
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    """A ProtoSeg checkpoint from 2 iterations of the shipped CamVid config."""
+    work = tmp_path_factory.mktemp('inference')
+    cfg = Config.fromfile(PROTO_CFG)
+    cfg.work_dir = str(work)
+    cfg.train_cfg.max_iters = 2
+    cfg.train_cfg.val_interval = 100
+    cfg.default_hooks.checkpoint.interval = 2
+    cfg.model.data_preprocessor.size = (64, 64)
+    cfg.train_dataloader.batch_size = 1
+    for t in cfg.train_dataloader.dataset.pipeline:
+        if t['type'] == 'RandomCrop':
+            t['crop_size'] = (64, 64)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return str(work / 'iter_2.pth'), runner.model.decode_head.prototypes.clone()
+
+
+def test_init_model_and_inference_model(checkpoint):
+    from mmseg.apis import inference_model, init_model
+    ckpt, prototypes = checkpoint
+    model = init_model(PROTO_CFG, ckpt, device='cpu')
+    assert torch.equal(model.decode_head.prototypes, prototypes)  # loaded, not re-initialised
+    image = sorted(glob.glob(osp.join(VAL_DIR, '*.jpg')))[0]
+    result = inference_model(model, image)
+    import mmcv
+    h, w = mmcv.imread(image).shape[:2]
+    assert result.pred_sem_seg.data.shape == (1, h, w)
+    assert result.seg_logits.data.shape == (11, h, w)
+    torch.testing.assert_close(result.pred_sem_seg.data[0],
+                               result.seg_logits.data.argmax(0))
+    results = inference_model(model, sorted(glob.glob(osp.join(VAL_DIR, '*.jpg')))[:2])
+    assert len(results) == 2
+
+
+def test_mmseg_inferencer_on_an_image_and_a_folder(checkpoint, tmp_path):
+    from mmseg.apis import MMSegInferencer
+    ckpt, _ = checkpoint
+    inferencer = MMSegInferencer(model=PROTO_CFG, weights=ckpt, device='cpu')
+    image = sorted(glob.glob(osp.join(VAL_DIR, '*.jpg')))[0]
+    out = inferencer(image, return_datasamples=True)
+    assert out.pred_sem_seg.data.shape[0] == 1
+    out = inferencer(VAL_DIR, out_dir=str(tmp_path), batch_size=4)
+    n = len(glob.glob(osp.join(VAL_DIR, '*.jpg')))
+    preds = out['predictions']
+    assert len(preds) == n and isinstance(preds[0], np.ndarray)
+    assert set(np.unique(np.concatenate([p.ravel() for p in preds]))) <= set(range(11))
+    saved = glob.glob(osp.join(tmp_path, 'vis', '*')) + glob.glob(osp.join(tmp_path, 'pred', '*'))
+    assert len(saved) >= n
