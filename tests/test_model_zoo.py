@@ -4,6 +4,7 @@ the "ProtoSeg for any MMSeg config" recipe (docs/model_zoo.md), on the CPU.
 Models are built without pretrained weights and run one training step on a
 tiny input (inputs are shrunk, never the models)."""
 import functools
+import inspect
 import importlib.util
 import os.path as osp
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 from conftest import REPO, make_samples
 from mmengine.config import Config
+
+from mmseg_proto.models.decode_heads.proto_head import ProtoHead
 
 _spec = importlib.util.spec_from_file_location(
     'count_params', osp.join(REPO, 'tools', 'count_params.py'))
@@ -134,9 +137,17 @@ def test_zoo_config_matches_baseline(config):
     head = model['decode_head']
     assert head['type'] == 'ProtoHead'
     assert head['num_classes'] == base_model['decode_head']['num_classes']
-    assert (head['projection'], head['num_prototypes'], head['momentum']) \
-        == ('none', 10, 0.999)
-    assert head['loss_decode'] == PROTO_LOSSES
+    # The paper's settings are ProtoHead's defaults, which the config keeps.
+    defaults = {k: v.default for k, v in
+                inspect.signature(ProtoHead.__init__).parameters.items()}
+    for key, paper in (('projection', 'none'), ('num_prototypes', 10),
+                       ('momentum', 0.999), ('sinkhorn_epsilon', 0.05),
+                       ('sinkhorn_iters', 3)):
+        assert head.get(key, defaults[key]) == paper, key
+    assert [dict(d) for d in head.get('loss_decode', defaults['loss_decode'])] \
+        == PROTO_LOSSES
+    assert cfg_d['custom_hooks'] == [dict(type='PrototypeUpdateHook')]
+    assert cfg_d['custom_imports']['imports'] == ['mmseg_proto']
     decoder = dict(head['decoder'])
     if 'c768' in config:
         assert decoder.pop('channels') == 768

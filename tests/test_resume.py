@@ -137,12 +137,16 @@ def test_sigkill_then_resume_finishes(tmp_path):
                PYTHONPATH=os.pathsep.join([REPO,
                                            os.environ.get('PYTHONPATH', '')]))
     import mmseg
-    mmseg_train = osp.join(osp.dirname(mmseg.__file__), '.mim', 'tools',
-                           'train.py')
+
+    from mmseg_proto.utils.stack_check import module_distributions
+    if module_distributions('mmseg') == ['mmsegmentation']:
+        train = [osp.join(osp.dirname(mmseg.__file__), '.mim', 'tools', 'train.py')]
+    else:  # OneDL: MMSeg's own tool cannot resolve mmseg:: bases (README)
+        train = ['-m', 'mmseg_proto.tools.train']
     last = work_dir / 'last_checkpoint'
     with open(tmp_path / 'killed.log', 'w') as log:
         proc = subprocess.Popen(
-            [sys.executable, mmseg_train, str(cfg_path), '--work-dir',
+            [sys.executable, *train, str(cfg_path), '--work-dir',
              str(work_dir)], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None and not last.exists():

@@ -398,7 +398,7 @@ def test_fuzz_head_loss_and_update(seed):
     def randint(lo, hi):
         return int(torch.randint(lo, hi, (1, ), generator=g))
 
-    c, k, d = randint(1, 30), randint(1, 8), randint(2, 24)
+    c, k, d = randint(2, 30), randint(1, 8), randint(2, 24)
     b, h, w = randint(1, 3), randint(1, 9), randint(1, 9)
     torch.manual_seed(seed)
     head = make_head(num_classes=c, channels=d, num_prototypes=k,

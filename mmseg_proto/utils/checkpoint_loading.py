@@ -6,9 +6,10 @@ message hub's ``HistoryBuffer`` objects (with references to their statistics met
 arrays, dtypes and scalars, which the weights-only unpickler refuses, so ``--resume``,
 ``load_from``, ``mim test --checkpoint`` and ``mmseg.apis.init_model`` fail.
 
-:func:`register_checkpoint_loader` wraps mmengine's loader of local files (the scheme every
-local path goes through) so that *during that load only* the weights-only unpickler also
-admits stand-ins for exactly what mmengine writes, each of which checks what it builds:
+:func:`register_checkpoint_loader` makes :func:`load_local_checkpoint` mmengine's loader of
+local files (the scheme every local path goes through): it loads with ``weights_only=True``
+and, *during that load only*, the weights-only unpickler also admits stand-ins for exactly
+what mmengine writes, each of which checks what it builds:
 
 - ``numpy.dtype``: numeric dtypes only (bool, integers, floats, complex); object, void,
   structured and string dtypes are refused;
@@ -25,6 +26,7 @@ another thread *while* a checkpoint is being loaded sees the same stand-ins; the
 any file.)
 """
 import functools
+import os.path as osp
 import pickle
 from typing import Any, Callable, List, Tuple
 
@@ -189,21 +191,27 @@ def load_with_checkpoint_globals(load: Callable, *args, **kwargs) -> Any:
         raise
 
 
+def load_local_checkpoint(filename: str, map_location=None) -> Any:
+    """mmengine's loader of local checkpoint files, with weights-only loading and the
+    stand-ins above admitted for the duration of the load.
+
+    It replaces the loader mmengine registers for local paths rather than wrapping it: the
+    OneDL fork's loader (onedl-mmengine 0.10.12) admits the real ``getattr``, ``numpy.dtype``
+    and ``numpy.ndarray`` and, when weights-only loading fails, falls back to
+    ``weights_only=False``, i.e. runs whatever a crafted file contains.
+    """
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    return load_with_checkpoint_globals(torch.load, filename, map_location=map_location,
+                                        weights_only=True)
+
+
 def register_checkpoint_loader() -> None:
-    """Make mmengine's local-file checkpoint loader admit mmengine's own types (above)
-    for the duration of each load. Idempotent."""
+    """Make :func:`load_local_checkpoint` mmengine's loader of local files (every local
+    ``load_from``, ``--resume``, ``--checkpoint`` and ``init_model`` goes through it).
+    Idempotent."""
     from mmengine.runner.checkpoint import CheckpointLoader
-    current = CheckpointLoader._schemes.get('')
-    if current is None or getattr(current, '_mmseg_proto_wrapped', False):
-        return
-
-    def load_from_local(filename, map_location=None):
-        return load_with_checkpoint_globals(current, filename, map_location)
-
-    load_from_local._mmseg_proto_wrapped = True
-    load_from_local.__doc__ = current.__doc__
-    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
-
-
-__all__ = ['checkpoint_safe_globals', 'load_with_checkpoint_globals',
-           'register_checkpoint_loader']
+    if CheckpointLoader._schemes.get('') is not load_local_checkpoint:
+        CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint,
+                                         force=True)

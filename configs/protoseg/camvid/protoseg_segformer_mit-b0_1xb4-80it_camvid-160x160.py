@@ -4,8 +4,8 @@
 # configs/baselines/camvid/segformer_mit-b0_1xb4-80it_camvid-160x160.py;
 # projection='none', so the model is exactly the baseline minus its 1x1-conv
 # classifier, plus two LayerNorms (feat_norm, mask_norm).
+# (The baseline already imports mmseg_proto, for CamVidDataset.)
 _base_ = ['../../baselines/camvid/segformer_mit-b0_1xb4-80it_camvid-160x160.py']
-custom_imports = dict(imports=['mmseg_proto'], allow_failed_imports=False)
 
 norm_cfg = dict(type='BN', requires_grad=True)
 model = dict(
@@ -20,15 +20,5 @@ model = dict(
             channels=256,
             dropout_ratio=0.1,
             norm_cfg=norm_cfg,
-            align_corners=False),
-        projection='none',
-        num_prototypes=10,
-        momentum=0.999,
-        sinkhorn_epsilon=0.05,
-        sinkhorn_iters=3,
-        loss_decode=[
-            dict(type='CrossEntropyLoss', loss_weight=1.0),
-            dict(type='PixelPrototypeContrastLoss', loss_weight=0.01),
-            dict(type='PixelPrototypeDistanceLoss', loss_weight=0.001),
-        ]))
+            align_corners=False)))
 custom_hooks = [dict(type='PrototypeUpdateHook', log_interval=10)]

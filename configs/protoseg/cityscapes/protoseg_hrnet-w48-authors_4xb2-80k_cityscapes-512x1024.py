@@ -15,8 +15,10 @@
 #   the image width: keep it for their weights, never for new training.
 # The seg logits come out at 1/4 resolution and are upsampled to the image
 # with align_corners=True.
-_base_ = ['mmseg::hrnet/fcn_hr48_4xb2-80k_cityscapes-512x1024.py']
-custom_imports = dict(imports=['mmseg_proto'], allow_failed_imports=False)
+_base_ = [
+    'mmseg::hrnet/fcn_hr48_4xb2-80k_cityscapes-512x1024.py',
+    '../../_base_/protoseg_runtime.py',
+]
 
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(
@@ -38,15 +40,5 @@ model = dict(
             norm_cfg=norm_cfg,
             align_corners=True),
         projection='mlp',
-        num_prototypes=10,
-        momentum=0.999,
-        sinkhorn_epsilon=0.05,
-        sinkhorn_iters=3,
         reference_width_norm=True,
-        align_corners=True,
-        loss_decode=[
-            dict(type='CrossEntropyLoss', loss_weight=1.0),
-            dict(type='PixelPrototypeContrastLoss', loss_weight=0.01),
-            dict(type='PixelPrototypeDistanceLoss', loss_weight=0.001),
-        ]))
-custom_hooks = [dict(type='PrototypeUpdateHook')]
+        align_corners=True))

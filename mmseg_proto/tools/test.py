@@ -1,0 +1,25 @@
+"""MMSeg's ``tools/test.py``, with mmseg_proto imported before the config is parsed.
+
+MMSeg's own tool parses a config (and resolves its ``mmseg::`` bases) before the config's
+``custom_imports`` run. With OpenMMLab's ``mmsegmentation`` that is fine; with the OneDL line
+(``onedl-mmsegmentation``) mmengine cannot resolve ``mmseg::`` unless mmseg_proto has been
+imported first (see :func:`mmseg_proto.utils.stack_check.resolve_mmseg_scope_to_installed_distribution`).
+Same arguments as MMSeg's tool::
+
+    python -m mmseg_proto.tools.test CONFIG CHECKPOINT [--tta] [--work-dir DIR] ...
+"""
+import os.path as osp
+import runpy
+
+import mmseg
+
+import mmseg_proto  # noqa: F401
+
+
+def main() -> None:
+    runpy.run_path(osp.join(osp.dirname(mmseg.__file__), '.mim', 'tools', 'test.py'),
+                   run_name='__main__')
+
+
+if __name__ == '__main__':
+    main()
