@@ -14,9 +14,9 @@ from mmseg.utils import ConfigType, SampleList
 from torch import Tensor
 
 from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
-from ..utils.chunked_prototype_scores import ChunkedPrototypeScores
-from ..utils.fused_prototype_scores import FusedPrototypeScores
 from ..utils.l2_normalize import l2_normalize
+from ..utils.prototype_scores import (SCORE_PATHS, StreamedScores,
+                                      similarity_column)
 from ..utils.prototype_statistics import PrototypeStatistics
 from ..utils.sinkhorn import sinkhorn_knopp
 
@@ -169,6 +169,10 @@ class ProtoHead(BaseDecodeHead):
         standard = len(types) == len(set(types)) and set(types) <= {
             PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss}
         self.fused_losses = fused_losses and standard
+        # The implementation of the prototype-scores step (see
+        # mmseg_proto/models/utils/prototype_scores.py), chosen once.
+        self.scores_path = 'streamed' if similarity_chunk else (
+            'fused' if self.fused_losses else 'eager')
         if similarity_chunk is not None and not standard:
             raise ValueError(
                 f'ProtoHead: similarity_chunk={similarity_chunk!r} needs the '
@@ -280,127 +284,87 @@ class ProtoHead(BaseDecodeHead):
     def loss(self, inputs: Sequence[Tensor], batch_data_samples: SampleList,
              train_cfg: ConfigType) -> Dict[str, Tensor]:
         """Losses for one batch; also collects the prototype statistics."""
+        self._check_statistics_taken()
+        seg_label = self._stack_batch_gt(batch_data_samples)
+        self._check_labels(seg_label)
+        emb = self.embed(inputs)  # (B, H, W, D) unit vectors
+        flat_emb = emb.reshape(-1, emb.shape[-1])
+        labels = F.interpolate(seg_label.float(), size=emb.shape[1:3],
+                               mode='nearest').long().view(-1)
+        valid = torch.nonzero(labels != self.ignore_index).squeeze(1)
+        scores = self._scores_path(flat_emb, labels, valid)
+        assign, transport = sinkhorn_knopp(
+            scores.own, labels[valid], self.num_classes, self.sinkhorn_epsilon,
+            self.sinkhorn_iters, distributed=self.sync_sinkhorn,
+            return_transport=self.collect_assignments)
+        targets = torch.full_like(labels, -1)  # -1: ignored, never a column
+        targets[valid] = similarity_column(labels[valid], assign,
+                                           self.num_classes)
+        class_scores, proto_losses = scores.finish(targets, self.loss_proto,
+                                                   valid.numel())
+        pred, losses = self._losses(class_scores.view(*emb.shape[:3], -1),
+                                    proto_losses, batch_data_samples)
+        self._statistics = self._update_statistics(
+            flat_emb, labels[valid], valid, pred, assign, scores.own, transport)
+        return losses
+
+    def _check_statistics_taken(self) -> None:
         if self._statistics is not None:
             raise RuntimeError(
                 'ProtoHead: the prototype statistics of the previous training '
                 'iteration were never applied, so the prototypes would never '
                 f'be updated; {HOOK_HINT}')
-        seg_label = self._stack_batch_gt(batch_data_samples)
-        self._check_labels(seg_label)
-        emb = self.embed(inputs)
-        c, k = self.num_classes, self.num_prototypes
-        b, h, w = emb.shape[:3]
-        labels = F.interpolate(
-            seg_label.float(), size=(h, w), mode='nearest').long().view(-1)
-        valid = torch.nonzero(labels != self.ignore_index).squeeze(1)
-        labels_v = labels[valid]
-        protos = self._prototype_matrix(emb.dtype)
-        flat_emb = emb.reshape(-1, emb.shape[-1])
-        if self.similarity_chunk:
-            class_scores, lse, own = ChunkedPrototypeScores.apply(
-                flat_emb, protos, labels.clamp(0, c - 1), c, k,
-                self._inv_temperature(), self.similarity_chunk)
-            own = own[valid]
-        elif self.fused_losses:
-            # One (N, K*C) buffer of similarities / T, computed without
-            # autograd and handed to FusedPrototypeScores, which
-            # differentiates it itself and reuses it in place (so it must
-            # not be read after that call).
-            inv_t = self._inv_temperature()
-            scaled_protos = protos * inv_t if inv_t != 1.0 else protos
-            with torch.no_grad():
-                proto_logits = F.linear(flat_emb, scaled_protos)
-            own = proto_logits.view(-1, k, c)[valid, :, labels_v]
-            if inv_t != 1.0:
-                own = own.mul_(1.0 / inv_t)
-        else:
-            # Only the K similarities of each labelled pixel to its own
-            # class are taken for the clustering.
-            proto_logits = F.linear(flat_emb, protos)
-            own = proto_logits.detach().view(-1, k, c)[valid, :, labels_v]
-        assign, transport = sinkhorn_knopp(own, labels_v, c,
-                                           self.sinkhorn_epsilon,
-                                           self.sinkhorn_iters,
-                                           distributed=self.sync_sinkhorn,
-                                           return_transport=(
-                                               self.collect_assignments))
-        # Prototype targets: the similarity column k * C + c in [0, C*K);
-        # -1 marks ignored pixels, so no target ever collides with an ignore
-        # label such as 255. Statistics use the buffer's index c * K + k.
-        targets = torch.full_like(labels, -1)
-        targets[valid] = assign * c + labels_v
-        proto_index = labels_v * k + assign
-        if self.similarity_chunk:
-            target_sim = (flat_emb * protos[targets.clamp(min=0)]).sum(
-                dim=1).float()
-            inside = targets >= 0
-            ppc = (lse - target_sim * self._inv_temperature()) * inside
-            ppd = (1.0 - target_sim)**2 * inside
-            pred, losses = self._prototype_losses(
-                class_scores.view(b, h, w, c), ppc, ppd, valid.numel(),
-                batch_data_samples)
-        elif self.fused_losses:
-            class_scores, ppc, ppd = FusedPrototypeScores.apply(
-                flat_emb, proto_logits, scaled_protos, targets, c, k, inv_t)
-            del proto_logits  # overwritten by FusedPrototypeScores
-            pred, losses = self._prototype_losses(
-                class_scores.view(b, h, w, c), ppc, ppd, valid.numel(),
-                batch_data_samples)
-        else:
-            class_scores = proto_logits.view(b, h, w, k, c).max(
-                dim=-2).values
-            seg_logits = self._seg_logits(class_scores)
-            pred = seg_logits.detach().argmax(dim=1)
-            losses = self.loss_by_feat(seg_logits, batch_data_samples)
-            for loss_fn in self.loss_proto:
-                value = loss_fn(proto_logits, targets)
-                name = loss_fn.loss_name
-                losses[name] = losses[name] + value if name in losses \
-                    else value
 
-        with torch.no_grad():
-            correct = pred.view(-1)[valid] == labels_v
-            emb = flat_emb[valid[correct]].float()
-            hit = proto_index[correct]
-            sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
-            # A non-finite labelled pixel corrupts the Sinkhorn assignment of
-            # its whole class even when it is not counted as correct: make
-            # the sums non-finite so that PrototypeUpdateHook skips the
-            # update (on every rank, after its all-reduce); no host sync.
-            sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
-            counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
-            assignments = self.assignment_statistics(
-                labels_v, proto_index, transport) \
-                if self.collect_assignments else None
-        self._statistics = PrototypeStatistics(sums, counts, assignments)
-        return losses
-
-    def _inv_temperature(self) -> float:
-        """1 / temperature of the PPC loss (1 without one)."""
+    def _scores_path(self, flat_emb: Tensor, labels: Tensor, valid: Tensor):
+        """The prototype-scores step, as chosen at construction."""
         ppc = next((m for m in self.loss_proto
                     if isinstance(m, PixelPrototypeContrastLoss)), None)
-        return 1.0 / ppc.temperature if ppc is not None else 1.0
+        inv_t = 1.0 / ppc.temperature if ppc is not None else 1.0
+        args = (flat_emb, self._prototype_matrix(flat_emb.dtype), labels, valid,
+                self.num_classes, self.num_prototypes, inv_t)
+        if self.scores_path == 'streamed':
+            return StreamedScores(*args, chunk=self.similarity_chunk)
+        return SCORE_PATHS[self.scores_path](*args)
 
-    def _prototype_losses(self, class_scores: Tensor, ppc: Tensor,
-                          ppd: Tensor, num_valid: int,
-                          batch_data_samples: SampleList
-                          ) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """Predicted classes (B,H,W) and the loss dict from class scores
-        (B,H,W,C) and the per-pixel PPC and PPD terms (N,), zero for ignored
-        pixels."""
+    def _losses(self, class_scores: Tensor, proto_losses: Sequence[Tensor],
+                batch_data_samples: SampleList
+                ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Predicted classes (B, H, W) and the loss dict: MMSeg's pixel losses
+        on the segmentation logits (``mask_norm`` of the (B, H, W, C) class
+        scores), plus the prototype losses under their names."""
         normed = self.mask_norm(class_scores)  # (B, H, W, C)
         # Predictions from the channels-last logits: a contiguous argmax.
         pred = normed.detach().argmax(dim=-1)
         seg_logits = normed.permute(0, 3, 1, 2).contiguous()  # see _seg_logits
         losses = self.loss_by_feat(seg_logits, batch_data_samples)
-        denom = max(num_valid, 1)
-        for loss_fn in self.loss_proto:
-            per_pixel = ppc if isinstance(
-                loss_fn, PixelPrototypeContrastLoss) else ppd
-            value = loss_fn.loss_weight * per_pixel.sum() / denom
+        for loss_fn, value in zip(self.loss_proto, proto_losses):
             name = loss_fn.loss_name
             losses[name] = losses[name] + value if name in losses else value
         return pred, losses
+
+    @torch.no_grad()
+    def _update_statistics(self, flat_emb: Tensor, labels_v: Tensor,
+                           valid: Tensor, pred: Tensor, assign: Tensor,
+                           own: Tensor, transport: Optional[Tensor]
+                           ) -> PrototypeStatistics:
+        """Per prototype (buffer order ``c * K + k``), the sum and count of
+        the embeddings of the correctly classified pixels assigned to it."""
+        c, k = self.num_classes, self.num_prototypes
+        correct = pred.view(-1)[valid] == labels_v
+        emb = flat_emb[valid[correct]].float()
+        proto_index = labels_v * k + assign
+        hit = proto_index[correct]
+        sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
+        # A non-finite labelled pixel corrupts the Sinkhorn assignment of its
+        # whole class even when it is not counted as correct: make the sums
+        # non-finite so that PrototypeUpdateHook skips the update (on every
+        # rank, after its all-reduce); no host sync.
+        sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
+        counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
+        assignments = self.assignment_statistics(
+            labels_v, proto_index, transport) \
+            if self.collect_assignments else None
+        return PrototypeStatistics(sums, counts, assignments)
 
     def _check_labels(self, seg_label: Tensor) -> None:
         """Raise on label values that are neither a class nor ignored."""

@@ -1,6 +1,6 @@
 """Pixel-prototype contrast loss (ProtoSeg, Eq. 11)."""
+import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmseg.registry import MODELS
 from torch import Tensor
 
@@ -31,6 +31,7 @@ class PixelPrototypeContrastLoss(nn.Module):
     """
 
     is_prototype_loss = True
+    term = 'ppc'  # the per-pixel term ProtoHead's fast paths compute for it
 
     def __init__(self,
                  loss_weight: float = 0.01,
@@ -44,28 +45,33 @@ class PixelPrototypeContrastLoss(nn.Module):
         self.temperature = temperature
         self._loss_name = loss_name
 
-    def forward(self, proto_logits: Tensor, proto_targets: Tensor,
-                **kwargs) -> Tensor:
-        """Compute the loss.
+    def per_pixel(self, proto_logits: Tensor, proto_targets: Tensor) -> Tensor:
+        """The PPC term of every pixel: the reference implementation.
 
         Args:
-            proto_logits (Tensor): (M, C*K) pixel-prototype cosine
-                similarities.
-            proto_targets (Tensor): (M,) int64 prototype index per pixel,
+            proto_logits (Tensor): (N, C*K) pixel-prototype cosine similarities.
+            proto_targets (Tensor): (N,) int64 column of the assigned prototype,
                 negative to ignore.
 
         Returns:
-            Tensor: Weighted scalar loss (0 with a gradient path when no
-            pixel is valid).
+            Tensor: (N,) fp32 ``logsumexp(s / T) - s_target / T``, 0 for ignored pixels.
         """
-        if not bool((proto_targets >= 0).any()):
-            return proto_logits.sum() * 0.0
-        logits = proto_logits if self.temperature == 1.0 \
-            else proto_logits / self.temperature
-        # Negative targets are ignored in place: no copy of the (N, C*K)
-        # similarity matrix.
-        return self.loss_weight * F.cross_entropy(
-            logits.float(), proto_targets.clamp(min=-1), ignore_index=-1)
+        logits = proto_logits.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        target = logits.gather(1, proto_targets.clamp(min=0)[:, None]).squeeze(1)
+        return (torch.logsumexp(logits, dim=1) - target) * (proto_targets >= 0)
+
+    def reduce(self, per_pixel: Tensor, num_valid: int) -> Tensor:
+        """Weighted mean of per-pixel terms over the ``num_valid`` labelled pixels."""
+        return self.loss_weight * per_pixel.sum() / max(num_valid, 1)
+
+    def forward(self, proto_logits: Tensor, proto_targets: Tensor,
+                **kwargs) -> Tensor:
+        """Weighted mean PPC over labelled pixels (see :meth:`per_pixel`); 0 with a
+        gradient path when no pixel is labelled."""
+        return self.reduce(self.per_pixel(proto_logits, proto_targets),
+                           int((proto_targets >= 0).sum()))
 
     @property
     def loss_name(self) -> str:

@@ -21,6 +21,7 @@ class PixelPrototypeDistanceLoss(nn.Module):
     """
 
     is_prototype_loss = True
+    term = 'ppd'  # the per-pixel term ProtoHead's fast paths compute for it
 
     def __init__(self,
                  loss_weight: float = 0.001,
@@ -29,27 +30,31 @@ class PixelPrototypeDistanceLoss(nn.Module):
         self.loss_weight = loss_weight
         self._loss_name = loss_name
 
-    def forward(self, proto_logits: Tensor, proto_targets: Tensor,
-                **kwargs) -> Tensor:
-        """Compute the loss.
+    def per_pixel(self, proto_logits: Tensor, proto_targets: Tensor) -> Tensor:
+        """The PPD term of every pixel: the reference implementation.
 
         Args:
-            proto_logits (Tensor): (M, C*K) pixel-prototype cosine
-                similarities.
-            proto_targets (Tensor): (M,) int64 prototype index per pixel,
+            proto_logits (Tensor): (N, C*K) pixel-prototype cosine similarities.
+            proto_targets (Tensor): (N,) int64 column of the assigned prototype,
                 negative to ignore.
 
         Returns:
-            Tensor: Weighted scalar loss (0 with a gradient path when no
-            pixel is valid).
+            Tensor: (N,) fp32 ``(1 - s_target)^2``, 0 for ignored pixels.
         """
-        valid = proto_targets >= 0
-        if not bool(valid.any()):
-            return proto_logits.sum() * 0.0
         target_sim = proto_logits.gather(
             1, proto_targets.clamp(min=0)[:, None]).squeeze(1).float()
-        dist = (1.0 - target_sim)**2 * valid
-        return self.loss_weight * dist.sum() / valid.sum()
+        return (1.0 - target_sim)**2 * (proto_targets >= 0)
+
+    def reduce(self, per_pixel: Tensor, num_valid: int) -> Tensor:
+        """Weighted mean of per-pixel terms over the ``num_valid`` labelled pixels."""
+        return self.loss_weight * per_pixel.sum() / max(num_valid, 1)
+
+    def forward(self, proto_logits: Tensor, proto_targets: Tensor,
+                **kwargs) -> Tensor:
+        """Weighted mean PPD over labelled pixels (see :meth:`per_pixel`); 0 with a
+        gradient path when no pixel is labelled."""
+        return self.reduce(self.per_pixel(proto_logits, proto_targets),
+                           int((proto_targets >= 0).sum()))
 
     @property
     def loss_name(self) -> str:
