@@ -6,8 +6,8 @@ import torch
 
 from mmseg_proto.models.losses import (PixelPrototypeContrastLoss,
                                        PixelPrototypeDistanceLoss)
-from mmseg_proto.models.utils.prototype_scores import (FusedScores, StreamedScores,
-                                                       similarity_column)
+from mmseg_proto.models.utils.prototype_index import similarity_column
+from mmseg_proto.models.utils.prototype_scores import FusedScores, StreamedScores
 
 
 def make_inputs(c, k, n, d, dtype, seed=0):

@@ -15,8 +15,9 @@ from torch import Tensor
 
 from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
 from ..utils.l2_normalize import l2_normalize
-from ..utils.prototype_scores import (SCORE_PATHS, StreamedScores,
-                                      similarity_column)
+from ..utils.prototype_index import (buffer_index, prototype_matrix,
+                                     similarity_column)
+from ..utils.prototype_scores import SCORE_PATHS, StreamedScores
 from ..utils.prototype_statistics import PrototypeStatistics
 from ..utils.sinkhorn import sinkhorn_knopp
 
@@ -229,8 +230,7 @@ class ProtoHead(BaseDecodeHead):
         class's K prototypes is an elementwise max of K contiguous (.., C)
         slices, which vectorises, instead of a reduction over runs of K.
         """
-        c, k, d = self.prototypes.shape
-        return self.prototypes.transpose(0, 1).reshape(k * c, d).to(dtype)
+        return prototype_matrix(self.prototypes).to(dtype)
 
     def _seg_logits(self, class_scores: Tensor,
                     contiguous: bool = True) -> Tensor:
@@ -268,7 +268,8 @@ class ProtoHead(BaseDecodeHead):
             return self._scores(inputs)[2]
         emb = self.embed(inputs)
         flat = emb.view(-1, emb.shape[-1])
-        slabs = self.prototypes.transpose(0, 1).to(emb.dtype)  # (K, C, D)
+        slabs = prototype_matrix(self.prototypes).to(emb.dtype).view(
+            self.num_prototypes, self.num_classes, -1)  # (K, C, D)
         class_scores = F.linear(flat, slabs[0])
         # One (pixels x C) buffer for every slab (no fresh allocation per
         # slab); autocast does not take out= arguments.
@@ -352,7 +353,7 @@ class ProtoHead(BaseDecodeHead):
         c, k = self.num_classes, self.num_prototypes
         correct = pred.view(-1)[valid] == labels_v
         emb = flat_emb[valid[correct]].float()
-        proto_index = labels_v * k + assign
+        proto_index = buffer_index(labels_v, assign, k)
         hit = proto_index[correct]
         sums = emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, emb)
         # A non-finite labelled pixel corrupts the Sinkhorn assignment of its

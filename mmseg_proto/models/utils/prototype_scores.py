@@ -1,7 +1,7 @@
 """The prototype-scores step of ProtoHead's training: three implementations, one contract.
 
 Each takes the flat embeddings (N, D), the prototype matrix (K*C, D) (rows ``k * C + c``,
-see :func:`similarity_column`), the labels (N,) and the indices of the labelled pixels, and
+see :mod:`.prototype_index`), the labels (N,) and the indices of the labelled pixels, and
 gives
 
 - ``own`` (Nv, K): detached similarities of each labelled pixel to its class's K prototypes,
@@ -24,14 +24,7 @@ from torch import Tensor
 
 from .chunked_prototype_scores import ChunkedPrototypeScores
 from .fused_prototype_scores import FusedPrototypeScores
-
-
-def similarity_column(classes: Tensor, prototype: Tensor, num_classes: int) -> Tensor:
-    """Column of prototype ``prototype`` of class ``classes`` in the similarity matrix:
-    ``k * C + c``. Prototype-major, so the max over a class's K prototypes is an elementwise
-    max of K contiguous (.., C) slabs. (The ``prototypes`` buffer and
-    :class:`PrototypeStatistics` use ``c * K + k``, i.e. (C, K) flattened.)"""
-    return prototype * num_classes + classes
+from .prototype_index import similarity_column  # noqa: F401  (re-exported)
 
 
 class EagerScores:
