@@ -1,7 +1,7 @@
 """Pixel embeddings, prototype similarity maps and 2-D projections.
 
-Used by ``tools/vis_prototype_similarity.py`` (the paper's Fig. 3) and
-``tools/vis_embedding.py`` (Fig. 5). Everything runs on CPU by default and
+Used by ``tools/visualization/vis_prototype_similarity.py`` (the paper's Fig. 3) and
+``tools/visualization/vis_embedding.py`` (Fig. 5). Everything runs on CPU by default and
 under ``torch.no_grad``.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -119,7 +119,7 @@ def proto_head(model: nn.Module) -> ProtoHead:
         raise TypeError(
             f'The decode head is {type(head).__name__}, not a ProtoHead: this '
             'needs a ProtoSeg model (a parametric model has no prototypes; '
-            'tools/vis_embedding.py takes one with --parametric-config)')
+            'tools/visualization/vis_embedding.py takes one with --parametric-config)')
     return head
 
 

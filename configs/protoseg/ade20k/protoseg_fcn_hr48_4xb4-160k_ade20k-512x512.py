@@ -5,7 +5,7 @@
 # Paper (Table 1, ADE20K val mIoU): 42.0 -> 43.0. Params (Table 1): 65.9M ->
 # 65.8M.
 # projection='none': the model is the baseline minus its classifier plus two
-# LayerNorms (feat_norm, mask_norm); tools/count_params.py prints the counts.
+# LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
 _base_ = [
     'mmseg::hrnet/fcn_hr48_4xb4-160k_ade20k-512x512.py',
     '../../_base_/protoseg_runtime.py',

@@ -5,7 +5,7 @@
 # Paper (Table 1, ADE20K val mIoU): 39.9 -> 41.1. Params (Table 1): 68.6M ->
 # 68.5M.
 # projection='none': the model is the baseline minus its classifier plus two
-# LayerNorms (feat_norm, mask_norm); tools/count_params.py prints the counts.
+# LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
 _base_ = [
     'mmseg::fcn/fcn_r101-d8_4xb4-160k_ade20k-512x512.py',
     '../../_base_/protoseg_runtime.py',

@@ -8,7 +8,7 @@
 # Variant: MMSeg's SegformerHead (channels=256). The original SegFormer uses
 # 768: override with model.decode_head.decoder.channels=768.
 # projection='none': the model is the baseline minus its classifier plus two
-# LayerNorms (feat_norm, mask_norm); tools/count_params.py prints the counts.
+# LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
 _base_ = [
     'mmseg::segformer/segformer_mit-b2_8xb2-160k_ade20k-512x512.py',
     '../../_base_/protoseg_runtime.py',

@@ -5,7 +5,7 @@
 # Paper (Table 1, ADE20K val mIoU): 48.0 -> 48.6. Params (Table 1): 90.6M ->
 # 90.5M.
 # projection='none': the model is the baseline minus its classifier plus two
-# LayerNorms (feat_norm, mask_norm); tools/count_params.py prints the counts.
+# LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
 _base_ = [
     'mmseg::swin/swin-base-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
     '../../_base_/protoseg_runtime.py',

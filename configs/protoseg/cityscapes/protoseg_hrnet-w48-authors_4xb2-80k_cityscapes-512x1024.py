@@ -2,7 +2,7 @@
 # openseg `hrnet_w48_proto`, Cityscapes, 80k iters, batch 8, lr 0.01, crop
 # 1024x512): the config to run their released checkpoint
 # `hrnet_w48_proto_lr1x_hrnet_proto_80k_latest.pth` after
-# `tools/convert_openseg_protoseg.py` (see docs/authors_checkpoint.md).
+# `tools/model_converters/convert_openseg_protoseg.py` (see docs/authors_checkpoint.md).
 #
 # - Backbone: HRNet-W48 as MMSeg's, but `HRNetRefAlign`, whose fuse layers
 #   upsample with bilinear align_corners=True as the authors' HRNet does.

@@ -7,7 +7,7 @@
 # Variant: MMSeg's SegformerHead (channels=256). The original SegFormer uses
 # 768: see protoseg_segformer-c768_mit-b4_8xb1-160k_cityscapes-1024x1024.py.
 # projection='none': the model is the baseline minus its classifier plus two
-# LayerNorms (feat_norm, mask_norm); tools/count_params.py prints the counts.
+# LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
 _base_ = [
     'mmseg::segformer/segformer_mit-b4_8xb1-160k_cityscapes-1024x1024.py',
     '../../_base_/protoseg_runtime.py',

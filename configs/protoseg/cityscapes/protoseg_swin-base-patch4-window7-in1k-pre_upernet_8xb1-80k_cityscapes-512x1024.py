@@ -6,7 +6,7 @@
 # MMSeg _base_ model/dataset/schedule files, see its header.)
 # Paper (Table 2, Cityscapes val mIoU): 79.8 -> 80.6.
 # projection='none': the model is the baseline minus its classifier plus two
-# LayerNorms (feat_norm, mask_norm); tools/count_params.py prints the counts.
+# LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
 _base_ = [
     '../../baselines/cityscapes/swin-base-patch4-window7-in1k-pre_upernet_8xb1-80k_cityscapes-512x1024.py',
     '../../_base_/protoseg_runtime.py',

@@ -6,7 +6,7 @@
 # MMSeg _base_ model/dataset/schedule files, see its header.)
 # Paper (Table 3, COCO-Stuff test mIoU): 38.7 -> 39.9.
 # projection='none': the model is the baseline minus its classifier plus two
-# LayerNorms (feat_norm, mask_norm); tools/count_params.py prints the counts.
+# LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
 _base_ = [
     '../../baselines/coco-stuff164k/fcn_hr48_4xb4-80k_coco-stuff164k-512x512.py',
     '../../_base_/protoseg_runtime.py',

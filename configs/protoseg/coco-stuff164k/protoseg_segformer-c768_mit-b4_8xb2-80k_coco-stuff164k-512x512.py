@@ -4,7 +4,7 @@
 # protoseg_segformer_mit-b4_8xb2-80k_coco-stuff164k-512x512.py.
 # Baseline: configs/baselines/coco-stuff164k/segformer_mit-b4_8xb2-80k_coco-stuff164k-512x512.py
 # (whose decoder has channels=256: compare parameters with the "parametric"
-# column of tools/count_params.py, i.e. this model with its classifier back.)
+# column of tools/analysis_tools/count_params.py, i.e. this model with its classifier back.)
 # Paper (Table 3, COCO-Stuff test mIoU): 42.5 -> 43.3. The paper's SegFormer
 # row is MiT-B4.
 _base_ = ['./protoseg_segformer_mit-b4_8xb2-80k_coco-stuff164k-512x512.py']

@@ -9,7 +9,7 @@
 # Variant: MMSeg's SegformerHead (channels=256). The original SegFormer uses
 # 768: see protoseg_segformer-c768_mit-b4_8xb2-80k_coco-stuff164k-512x512.py.
 # projection='none': the model is the baseline minus its classifier plus two
-# LayerNorms (feat_norm, mask_norm); tools/count_params.py prints the counts.
+# LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
 _base_ = [
     '../../baselines/coco-stuff164k/segformer_mit-b4_8xb2-80k_coco-stuff164k-512x512.py',
     '../../_base_/protoseg_runtime.py',

@@ -59,7 +59,7 @@ class HRNetRefAlign(HRNet):
     """HRNet with the authors' fuse-layer upsampling (``align_corners=True``).
 
     Only for running weights trained by the ProtoSeg authors' openseg code
-    (e.g. converted with ``tools/convert_openseg_protoseg.py``): their HRNet
+    (e.g. converted with ``tools/model_converters/convert_openseg_protoseg.py``): their HRNet
     upsamples the lower-resolution branches in every fuse layer with bilinear
     ``align_corners=True``, MMSeg's :class:`HRNet` with
     ``align_corners=False``, which changes the features of a converted model

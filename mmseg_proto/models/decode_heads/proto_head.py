@@ -1,7 +1,7 @@
 """ProtoSeg decode head: nonparametric prototypes on top of any decoder."""
 import copy
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

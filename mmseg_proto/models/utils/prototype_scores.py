@@ -24,7 +24,6 @@ from torch import Tensor
 
 from .chunked_prototype_scores import ChunkedPrototypeScores
 from .fused_prototype_scores import FusedPrototypeScores
-from .prototype_index import similarity_column  # noqa: F401  (re-exported)
 
 
 class EagerScores:

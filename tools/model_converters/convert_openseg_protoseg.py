@@ -3,7 +3,7 @@
 
 Usage::
 
-    python tools/convert_openseg_protoseg.py \
+    python tools/model_converters/convert_openseg_protoseg.py \
         hrnet_w48_proto_lr1x_hrnet_proto_80k_latest.pth converted.pth
 
 The mapping lives in :mod:`mmseg_proto.utils.convert_openseg`.

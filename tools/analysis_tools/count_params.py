@@ -20,8 +20,8 @@ training, is excluded); the ``+aux`` columns include it.
 
 Usage::
 
-    python tools/count_params.py
-    python tools/count_params.py configs/protoseg/ade20k/protoseg_fcn_r101-d8_4xb4-160k_ade20k-512x512.py
+    python tools/analysis_tools/count_params.py
+    python tools/analysis_tools/count_params.py configs/protoseg/ade20k/protoseg_fcn_r101-d8_4xb4-160k_ade20k-512x512.py
 """
 import argparse
 import copy
@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 ZOO_DATASETS = ('ade20k', 'cityscapes', 'coco-stuff164k')
 BASELINE_RE = re.compile(r'^#\s*Baseline:\s*(\S+)', re.M)
 PAPER_RE = re.compile(r'(\d+\.\d+)M\s*->\s*(\d+\.\d+)M')

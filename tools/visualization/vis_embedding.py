@@ -10,7 +10,7 @@ forward hook) on the same pixels are drawn in a second panel.
 
 Example::
 
-    python tools/vis_embedding.py PROTO_CONFIG PROTO_CKPT \\
+    python tools/visualization/vis_embedding.py PROTO_CONFIG PROTO_CKPT \\
         --parametric-config BASELINE_CONFIG --parametric-checkpoint BASE_CKPT \\
         --method tsne --classes road car building tree sky --out emb.png
 """

@@ -9,7 +9,7 @@ nearest prototype (of the class) it is.
 
 Example::
 
-    python tools/vis_prototype_similarity.py \\
+    python tools/visualization/vis_prototype_similarity.py \\
         configs/protoseg/camvid/protoseg_segformer_mit-b0_1xb4-80it_camvid-160x160.py \\
         work_dirs/demo/.../iter_80.pth data/camvid_mini/img_dir/val/0001TP_008550.jpg \\
         --classes road car --out-dir work_dirs/vis

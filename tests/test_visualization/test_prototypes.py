@@ -58,7 +58,7 @@ def trained(tmp_path_factory):
 
 def _load_tool(name):
     spec = importlib.util.spec_from_file_location(
-        name, osp.join(REPO, 'tools', f'{name}.py'))
+        name, osp.join(REPO, 'tools', 'visualization', f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -67,7 +67,7 @@ def _load_tool(name):
 def _run_tool(name, *args):
     env = dict(os.environ, OMP_NUM_THREADS='2', MPLBACKEND='Agg')
     proc = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', f'{name}.py'), *args],
+        [sys.executable, osp.join(REPO, 'tools', 'visualization', f'{name}.py'), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -101,7 +101,7 @@ def test_golden_output_through_cli(ref_state, model, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            osp.join(REPO, 'tools/convert_openseg_protoseg.py'),
+            osp.join(REPO, 'tools/model_converters/convert_openseg_protoseg.py'),
             str(src),
             str(dst), '--config', CONFIG
         ],

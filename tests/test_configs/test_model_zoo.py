@@ -16,7 +16,7 @@ from mmengine.config import Config
 from mmseg_proto.models.decode_heads.proto_head import ProtoHead
 
 _spec = importlib.util.spec_from_file_location(
-    'count_params', osp.join(REPO, 'tools', 'count_params.py'))
+    'count_params', osp.join(REPO, 'tools', 'analysis_tools', 'count_params.py'))
 count_params = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(count_params)
 
