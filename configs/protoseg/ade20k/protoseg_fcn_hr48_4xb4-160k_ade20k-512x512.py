@@ -6,12 +6,6 @@
 # 65.8M.
 # projection='none': the model is the baseline minus its classifier plus two
 # LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
-_base_ = [
-    'mmseg::hrnet/fcn_hr48_4xb4-160k_ade20k-512x512.py',
-    '../../_base_/protoseg_runtime.py',
-]
-model = dict(decode_head=dict(
-    _delete_=True,
-    type='ProtoHead',
-    num_classes=150,
-    decoder={{_base_.model.decode_head}}))
+_base_ = ['mmseg::hrnet/fcn_hr48_4xb4-160k_ade20k-512x512.py', '../../_base_/protoseg_runtime.py']
+model = dict(decode_head=dict(_delete_=True, type='ProtoHead', num_classes=150,
+                              decoder={{_base_.model.decode_head}}))

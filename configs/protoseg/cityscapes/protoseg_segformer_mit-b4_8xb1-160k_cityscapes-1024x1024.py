@@ -8,12 +8,6 @@
 # 768: see protoseg_segformer-c768_mit-b4_8xb1-160k_cityscapes-1024x1024.py.
 # projection='none': the model is the baseline minus its classifier plus two
 # LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
-_base_ = [
-    'mmseg::segformer/segformer_mit-b4_8xb1-160k_cityscapes-1024x1024.py',
-    '../../_base_/protoseg_runtime.py',
-]
-model = dict(decode_head=dict(
-    _delete_=True,
-    type='ProtoHead',
-    num_classes=19,
-    decoder={{_base_.model.decode_head}}))
+_base_ = ['mmseg::segformer/segformer_mit-b4_8xb1-160k_cityscapes-1024x1024.py', '../../_base_/protoseg_runtime.py']
+model = dict(decode_head=dict(_delete_=True, type='ProtoHead', num_classes=19,
+                              decoder={{_base_.model.decode_head}}))

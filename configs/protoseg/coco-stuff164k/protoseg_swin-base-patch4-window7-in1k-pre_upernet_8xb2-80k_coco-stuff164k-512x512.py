@@ -7,12 +7,6 @@
 # Paper (Table 3, COCO-Stuff test mIoU): 41.5 -> 42.4.
 # projection='none': the model is the baseline minus its classifier plus two
 # LayerNorms (feat_norm, mask_norm); tools/analysis_tools/count_params.py prints the counts.
-_base_ = [
-    '../../baselines/coco-stuff164k/swin-base-patch4-window7-in1k-pre_upernet_8xb2-80k_coco-stuff164k-512x512.py',
-    '../../_base_/protoseg_runtime.py',
-]
-model = dict(decode_head=dict(
-    _delete_=True,
-    type='ProtoHead',
-    num_classes=171,
-    decoder={{_base_.model.decode_head}}))
+_base_ = ['../../baselines/coco-stuff164k/swin-base-patch4-window7-in1k-pre_upernet_8xb2-80k_coco-stuff164k-512x512.py', '../../_base_/protoseg_runtime.py']
+model = dict(decode_head=dict(_delete_=True, type='ProtoHead', num_classes=171,
+                              decoder={{_base_.model.decode_head}}))
