@@ -57,7 +57,9 @@ def test_accumulated_iterations_give_one_update_from_their_summed_statistics():
     stats = []
     for it in range(2):
         x = [torch.randn(2, 8, 6, 5, generator=g)]
-        labels = torch.randint(0, 3, (2, 6, 5), generator=g)
+        # Classes 0 and 1 in the first iteration, 0 and 2 in the second: the
+        # step's update needs the statistics (sums and counts) of both.
+        labels = torch.randint(0, 2, (2, 6, 5), generator=g) * (1 + it)
         losses = head.loss(x, make_samples(labels), None)
         stats.append((head._statistics.sums.clone(), head._statistics.counts.clone()))
         runner.iter = it
@@ -68,7 +70,8 @@ def test_accumulated_iterations_give_one_update_from_their_summed_statistics():
             assert torch.equal(head.prototypes, start)
     sums = stats[0][0] + stats[1][0]
     counts = stats[0][1] + stats[1][1]
-    assert counts.sum() > 0
+    assert stats[0][1][2:4].sum() > 0 and stats[1][1][4:].sum() > 0
+    assert stats[0][1][:2].sum() > 0 and stats[1][1][:2].sum() > 0
     expected = hand_ema(start, sums, counts, 0.8)
     torch.testing.assert_close(head.prototypes, expected)
     # Not two updates, one from each half.
