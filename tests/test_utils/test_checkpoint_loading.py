@@ -172,15 +172,12 @@ def test_refusal_names_what_was_refused(tmp_path):
         _load_checkpoint(path, map_location='cpu')
 
 
-def test_crafted_meta_in_a_real_checkpoint_stops_a_runner_resume(tmp_path):
-    """The attack the issue measured: a crafted object in a real checkpoint's meta.
-    The Runner's resume gets a clear error instead of a segmentation fault."""
+def small_cfg(work_dir, max_iters):
     from conftest import PROTO_CFG
     from mmengine.config import Config
-    from mmengine.runner import Runner
     cfg = Config.fromfile(PROTO_CFG)
-    cfg.work_dir = str(tmp_path / 'work')
-    cfg.train_cfg.max_iters = 1
+    cfg.work_dir = str(work_dir)
+    cfg.train_cfg.max_iters = max_iters
     cfg.train_cfg.val_interval = 100
     cfg.model.data_preprocessor.size = (64, 64)
     cfg.train_dataloader.batch_size = 1
@@ -188,17 +185,35 @@ def test_crafted_meta_in_a_real_checkpoint_stops_a_runner_resume(tmp_path):
         if t['type'] == 'RandomCrop':
             t['crop_size'] = (64, 64)
     cfg.default_hooks.checkpoint.interval = 1
-    Runner.from_cfg(cfg).train()
-    ckpt_path = tmp_path / 'work' / 'iter_1.pth'
-    ckpt = _load_checkpoint(str(ckpt_path), map_location='cpu')
+    return cfg
+
+
+@pytest.fixture(scope='module')
+def real_checkpoint(tmp_path_factory):
+    """A checkpoint written by a real Runner (1 iteration of the CamVid config)."""
+    from mmengine.runner import Runner
+    work = tmp_path_factory.mktemp('real_ckpt')
+    Runner.from_cfg(small_cfg(work, 1)).train()
+    ckpt = _load_checkpoint(str(work / 'iter_1.pth'), map_location='cpu')
     assert type(ckpt['message_hub']['log_scalars']['train/loss']) is HistoryBuffer
-    ckpt['meta']['evil'] = ObjectArrayFromBytes()
-    torch.save(ckpt, ckpt_path)
-    cfg.resume, cfg.load_from = True, str(ckpt_path)
-    cfg.train_cfg.max_iters = 2
-    runner = Runner.from_cfg(cfg)
+    return ckpt
+
+
+@pytest.mark.parametrize('name', sorted(CRAFTED))
+def test_crafted_meta_in_a_real_checkpoint_stops_a_runner_resume(tmp_path, name,
+                                                                 real_checkpoint):
+    """The attack the issue measured: a crafted object in a real checkpoint's meta.
+    The Runner's resume gets a clear error instead of a crash or a silent change."""
+    from mmengine.runner import Runner
+    path = tmp_path / 'iter_1.pth'
+    torch.save(dict(real_checkpoint, meta=dict(real_checkpoint['meta'],
+                                               evil=CRAFTED[name])), path)
+    cfg = small_cfg(tmp_path / 'resumed', 2)
+    cfg.resume, cfg.load_from = True, str(path)
+    methods_before = dict(HistoryBuffer._statistics_methods)
     with pytest.raises(pickle.UnpicklingError, match='mmseg_proto refused'):
-        runner.train()
+        Runner.from_cfg(cfg).train()
+    assert HistoryBuffer._statistics_methods == methods_before
 
 
 def test_stand_ins_admit_only_numeric_kinds():
