@@ -16,7 +16,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 DIAG_KEYS = ('train/proto_updated', 'train/proto_shift_deg',
-             'train/proto_used', 'train/proto_entropy')
+             'train/proto_used', 'train/proto_entropy', 'train/proto_effective')
 VAL_IMGS = sorted(glob.glob(osp.join(CAMVID_MINI, 'img_dir', 'val',
                                      '*.jpg')))[:2]
 
@@ -99,6 +99,7 @@ def test_diagnostics_in_message_hub_and_logs(trained):
     assert 0.0 < scalars['train/proto_updated'].current() <= 1.0
     assert scalars['train/proto_shift_deg'].current() > 0.0
     assert 0.0 < scalars['train/proto_entropy'].current() < 1.0
+    assert 1.0 <= scalars['train/proto_effective'].current() <= 10.0  # K = 10
     assert 0.0 < scalars['train/proto_used'].current()
     assert 'train/decode.loss_ppc' in scalars
     # Console/text log and JSON log (LoggerHook), per-class entropies in

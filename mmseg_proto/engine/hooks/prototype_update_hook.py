@@ -7,6 +7,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
 
+from ...evaluation.prototype_health import prototype_health
 from ...models.decode_heads.proto_head import ProtoHead
 from ...models.utils.prototype_statistics import PrototypeStatistics
 
@@ -41,6 +42,9 @@ class PrototypeUpdateHook(Hook):
     - ``proto_shift_deg``: mean angle a prototype moved by the update;
     - ``proto_used``: share of the prototypes of the classes in the batch
       that the Sinkhorn hard assignment gave >= 1 pixel;
+    - ``proto_effective``: per class present, how many of its prototypes are
+      the nearest one (the inference rule) for >= 1% of its pixels in the
+      batch, averaged over classes (K: all used; 1: collapsed);
     - ``proto_entropy``: per class, the mean over its pixels of the entropy
       of the Sinkhorn soft assignment divided by ``log K`` (0: each pixel on
       one prototype, 1: spread evenly over all K), averaged over the
@@ -147,6 +151,10 @@ class PrototypeUpdateHook(Hook):
         entropy = stats['entropy_sum'] / pixels.clamp(min=1)
         hub = runner.message_hub
         hub.update_scalar(f'{tag}_used', used.float().mean().item())
+        health = prototype_health(head.prototypes.detach().cpu(),
+                                  stats['nearest'].view(c, k).cpu())
+        hub.update_scalar(f'{tag}_effective',
+                          health['effective'][present.cpu()].mean().item())
         hub.update_scalar(f'{tag}_entropy',
                           entropy[present].mean().item())
         if self.per_class_entropy:

@@ -363,7 +363,7 @@ class ProtoHead(BaseDecodeHead):
         sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
         counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
         assignments = self.assignment_statistics(
-            labels_v, proto_index, transport) \
+            labels_v, proto_index, transport, own) \
             if self.collect_assignments else None
         return PrototypeStatistics(sums, counts, assignments)
 
@@ -381,19 +381,23 @@ class ProtoHead(BaseDecodeHead):
 
     @torch.no_grad()
     def assignment_statistics(self, labels: Tensor, targets: Tensor,
-                              transport: Tensor) -> Dict[str, Tensor]:
+                              transport: Tensor, own: Tensor
+                              ) -> Dict[str, Tensor]:
         """Detached Sinkhorn diagnostics of one batch (for logging only).
 
         Args:
             labels (Tensor): (N,) class of each labelled pixel.
             targets (Tensor): (N,) assigned prototype index ``c * K + k``.
             transport (Tensor): (N, K) soft assignment, rows summing to 1.
+            own (Tensor): (N, K) similarities to the class's prototypes.
 
         Returns:
             dict[str, Tensor]: ``entropy_sum`` (C,) per-class sum over pixels
             of the soft-assignment entropy divided by ``log K`` (0: one-hot,
             1: uniform over the K prototypes), ``pixels`` (C,) labelled pixels
-            per class and ``assigned`` (C*K,) pixels assigned per prototype.
+            per class, ``assigned`` (C*K,) pixels assigned per prototype and
+            ``nearest`` (C*K,) pixels whose nearest own-class prototype it is
+            (the inference rule; see :mod:`mmseg_proto.evaluation`).
             All fp32 sums, so they can be all-reduced across processes.
         """
         c, k = self.num_classes, self.num_prototypes
@@ -403,7 +407,9 @@ class ProtoHead(BaseDecodeHead):
         return dict(
             entropy_sum=t.new_zeros(c).index_add_(0, labels, ent),
             pixels=torch.bincount(labels, minlength=c).float(),
-            assigned=torch.bincount(targets, minlength=c * k).float())
+            assigned=torch.bincount(targets, minlength=c * k).float(),
+            nearest=torch.bincount(buffer_index(labels, own.argmax(dim=1), k),
+                                   minlength=c * k).float())
 
     def take_statistics(self) -> Optional[PrototypeStatistics]:
         """Take the :class:`PrototypeStatistics` of the last ``loss`` call

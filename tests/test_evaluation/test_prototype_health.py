@@ -1,0 +1,69 @@
+"""Prototype health: the figures by hand on constructed cases, and the tool on a checkpoint
+trained here."""
+import math
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from conftest import PROTO_CFG, REPO
+
+from mmseg_proto.evaluation import (format_health_table, nearest_prototype_usage,
+                                    prototype_health)
+
+
+def test_usage_and_health_by_hand():
+    # 2 classes x 3 prototypes in 2-D; class 0's prototypes 0 and 1 identical.
+    protos = torch.tensor([[[1., 0.], [1., 0.], [0., 1.]],
+                           [[-1., 0.], [0., -1.], [0.6, -0.8]]])
+    emb = F.normalize(torch.tensor([[1., 0.1]] * 95 + [[0.1, 1.]] * 5 + [[-1., 0.]] * 50 +
+                                   [[0., 1.]] * 3), dim=1)
+    labels = torch.tensor([0] * 100 + [1] * 50 + [255] * 3)
+    usage = nearest_prototype_usage(emb, labels, protos, chunk=7)
+    # argmax takes the first of tied prototypes 0 and 1
+    assert usage.tolist() == [[95, 0, 5], [50, 0, 0]]
+    h = prototype_health(protos, usage)
+    assert h['pixels'].tolist() == [100, 50]
+    assert h['effective'].tolist() == [2, 1]
+    p = torch.tensor([0.95, 0.05], dtype=torch.float64)
+    assert math.isclose(float(h['exp_entropy'][0]), float(torch.exp(-(p * p.log()).sum())),
+                        rel_tol=1e-9)
+    assert float(h['exp_entropy'][1]) == 1.0
+    assert float(h['cos_max'][0]) == 1.0 and float(h['cos_min'][0]) == 0.0
+    assert math.isclose(float(h['cos_mean'][0]), 1 / 3, rel_tol=1e-9)
+    assert math.isclose(float(h['cos_min'][1]), -0.6, rel_tol=1e-6)
+    table = format_health_table(h, ['road', 'car'])
+    assert '| road | 100 | 2 | 1.22 |' in table and 'mean over 2 classes' in table
+
+
+def test_a_class_without_pixels_is_left_out_of_the_mean():
+    protos = F.normalize(torch.randn(3, 2, 4), dim=-1)
+    usage = torch.tensor([[10, 0], [0, 0], [5, 5]])
+    h = prototype_health(protos, usage)
+    assert math.isnan(float(h['effective'][1]))
+    assert 'mean over 2 classes** | 10 | 1.5 |' in format_health_table(h)
+
+
+def test_tool_on_a_trained_checkpoint(tmp_path):
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    cfg = Config.fromfile(PROTO_CFG)
+    cfg.work_dir = str(tmp_path)
+    cfg.train_cfg.max_iters = 2
+    cfg.train_cfg.val_interval = 100
+    cfg.default_hooks.checkpoint.interval = 2
+    Runner.from_cfg(cfg).train()
+    out = tmp_path / 'health.md'
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.run(
+        [sys.executable, osp.join(REPO, 'tools', 'analysis_tools', 'prototype_health.py'),
+         PROTO_CFG, str(tmp_path / 'iter_2.pth'), '--num-images', '3', '--out', str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert '| road |' in text and '| sky |' in text and 'mean over' in text
+    rows = [line for line in text.splitlines() if line.startswith('| road |')]
+    effective = int(rows[0].split('|')[3])
+    assert 1 <= effective <= 10

@@ -1,0 +1,51 @@
+"""Prototype health of a ProtoSeg checkpoint on a dataset split.
+
+Per class: how many of its K prototypes are the nearest one (of the class's own) for at
+least 1% of its labelled pixels, the exponential of the entropy of that use, and the
+pairwise cosines between its prototypes; then the mean over classes. Prints a Markdown
+table (and writes it with --out).
+
+    python tools/analysis_tools/prototype_health.py CONFIG CHECKPOINT [--split val]
+        [--num-images N] [--out health.md]
+"""
+import argparse
+
+from mmseg_proto.evaluation import (format_health_table, nearest_prototype_usage,
+                                    prototype_health)
+from mmseg_proto.visualization.prototypes import (collect_embeddings, load_model,
+                                                  proto_head)
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('config')
+    p.add_argument('checkpoint')
+    p.add_argument('--split', choices=('train', 'val', 'test'), default='val',
+                   help="which dataloader's dataset of the config (its test-time "
+                        'pipeline is not applied to train; default: val)')
+    p.add_argument('--num-images', type=int, default=None,
+                   help='use the first N images (default: all)')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--out', help='also write the table to this file')
+    args = p.parse_args(argv)
+
+    from mmseg.registry import DATASETS
+    model = load_model(args.config, args.checkpoint, args.device)
+    head = proto_head(model)
+    dataset = DATASETS.build(model.cfg[f'{args.split}_dataloader']['dataset'])
+    n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
+    emb, labels = collect_embeddings(model, dataset, range(head.num_classes), num_images=n,
+                                     per_class=10**12)
+    usage = nearest_prototype_usage(emb, labels, head.prototypes.detach().cpu())
+    table = format_health_table(prototype_health(head.prototypes.detach().cpu(), usage),
+                                model.dataset_meta.get('classes'))
+    header = f'Prototype health: {args.checkpoint}, {args.split} split, {n} images\n\n'
+    print(header + table)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(header + table + '\n')
+    return table
+
+
+if __name__ == '__main__':
+    main()
