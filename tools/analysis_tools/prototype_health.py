@@ -32,7 +32,11 @@ def main(argv=None) -> str:
     from mmseg.registry import DATASETS
     model = load_model(args.config, args.checkpoint, args.device)
     head = proto_head(model)
-    dataset = DATASETS.build(model.cfg[f'{args.split}_dataloader']['dataset'])
+    loader = model.cfg.get(f'{args.split}_dataloader')
+    if not loader:
+        raise SystemExit(f'{args.config} has no {args.split}_dataloader; choose another '
+                         '--split (train, val, test)')
+    dataset = DATASETS.build(loader['dataset'])
     n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     emb, labels = collect_embeddings(model, dataset, range(head.num_classes), num_images=n,
                                      per_class=10**12)
