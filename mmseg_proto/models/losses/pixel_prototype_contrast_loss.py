@@ -1,12 +1,13 @@
 """Pixel-prototype contrast loss (ProtoSeg, Eq. 11)."""
 import torch
-import torch.nn as nn
 from mmseg.registry import MODELS
 from torch import Tensor
 
+from .prototype_loss import PrototypeLoss
+
 
 @MODELS.register_module()
-class PixelPrototypeContrastLoss(nn.Module):
+class PixelPrototypeContrastLoss(PrototypeLoss):
     """Pixel-prototype contrast (PPC) loss.
 
     Cross-entropy over the similarities of a pixel to all ``C * K``
@@ -31,8 +32,7 @@ class PixelPrototypeContrastLoss(nn.Module):
             ``loss_`` to be optimised. Default: 'loss_ppc'.
     """
 
-    is_prototype_loss = True
-    term = 'ppc'  # the per-pixel term ProtoHead's fast paths compute for it
+    term = 'ppc'
 
     def __init__(self,
                  loss_weight: float = 0.01,
@@ -62,19 +62,3 @@ class PixelPrototypeContrastLoss(nn.Module):
             logits = logits / self.temperature
         target = logits.gather(1, proto_targets.clamp(min=0)[:, None]).squeeze(1)
         return (torch.logsumexp(logits, dim=1) - target) * (proto_targets >= 0)
-
-    def reduce(self, per_pixel: Tensor, num_valid: int) -> Tensor:
-        """Weighted mean of per-pixel terms over the ``num_valid`` labelled pixels."""
-        return self.loss_weight * per_pixel.sum() / max(num_valid, 1)
-
-    def forward(self, proto_logits: Tensor, proto_targets: Tensor,
-                **kwargs) -> Tensor:
-        """Weighted mean PPC over labelled pixels (see :meth:`per_pixel`); 0 with a
-        gradient path when no pixel is labelled."""
-        return self.reduce(self.per_pixel(proto_logits, proto_targets),
-                           int((proto_targets >= 0).sum()))
-
-    @property
-    def loss_name(self) -> str:
-        """Name of the loss item in the logs."""
-        return self._loss_name

@@ -1,11 +1,12 @@
 """Pixel-prototype distance loss (ProtoSeg, Eq. 12)."""
-import torch.nn as nn
 from mmseg.registry import MODELS
 from torch import Tensor
 
+from .prototype_loss import PrototypeLoss
+
 
 @MODELS.register_module()
-class PixelPrototypeDistanceLoss(nn.Module):
+class PixelPrototypeDistanceLoss(PrototypeLoss):
     """Pixel-prototype distance (PPD) loss.
 
     Mean over valid pixels of ``(1 - <i, p_{c_i, k_i}>) ** 2``: pulls each
@@ -20,8 +21,7 @@ class PixelPrototypeDistanceLoss(nn.Module):
             ``loss_`` to be optimised. Default: 'loss_ppd'.
     """
 
-    is_prototype_loss = True
-    term = 'ppd'  # the per-pixel term ProtoHead's fast paths compute for it
+    term = 'ppd'
 
     def __init__(self,
                  loss_weight: float = 0.001,
@@ -44,19 +44,3 @@ class PixelPrototypeDistanceLoss(nn.Module):
         target_sim = proto_logits.gather(
             1, proto_targets.clamp(min=0)[:, None]).squeeze(1).float()
         return (1.0 - target_sim)**2 * (proto_targets >= 0)
-
-    def reduce(self, per_pixel: Tensor, num_valid: int) -> Tensor:
-        """Weighted mean of per-pixel terms over the ``num_valid`` labelled pixels."""
-        return self.loss_weight * per_pixel.sum() / max(num_valid, 1)
-
-    def forward(self, proto_logits: Tensor, proto_targets: Tensor,
-                **kwargs) -> Tensor:
-        """Weighted mean PPD over labelled pixels (see :meth:`per_pixel`); 0 with a
-        gradient path when no pixel is labelled."""
-        return self.reduce(self.per_pixel(proto_logits, proto_targets),
-                           int((proto_targets >= 0).sum()))
-
-    @property
-    def loss_name(self) -> str:
-        """Name of the loss item in the logs."""
-        return self._loss_name
