@@ -12,7 +12,11 @@ of repeated runs. Prints Markdown tables:
    whole model;
 3. the same split for the decode head alone on fixed backbone features (head forward,
    backward and prototype update; head prediction): the models differ only in their heads,
-   and without the backbone's run-to-run noise the difference is measured more precisely.
+   and without the backbone's run-to-run noise the difference is measured more precisely;
+4. with ``--compile``: the decode heads' training step again, each head's ``loss`` under
+   ``torch.compile`` (default options, what MMEngine's ``compile=True`` applies to the
+   ``train_step`` around it), beside eager, with the number of graphs and graph breaks
+   ``torch._dynamo.explain`` finds in each head's loss.
 
 CPU memory allocator: every fresh (pixels x C*K) or label-sized tensor costs its page
 faults with glibc's default malloc, which returns large blocks to the OS on free.
@@ -24,7 +28,7 @@ cached by PyTorch).
 
 Runs on a GPU unchanged (device chosen automatically; --device to force).
 
-    python benchmarks/bench_protoseg_perf.py [--channels 256 768] [--repeats 9]
+    python benchmarks/bench_protoseg_perf.py [--channels 256 768] [--repeats 9] [--compile]
 """
 import argparse
 import os
@@ -133,6 +137,41 @@ def head_infer(model, feats, samples):
     return model.decode_head.predict(feats, metas, model.test_cfg)
 
 
+def graph_breaks(model, feats, samples):
+    """(graphs, graph breaks) that torch.compile makes of the head's loss."""
+    head = model.decode_head
+    explained = torch._dynamo.explain(head.loss)(feats, samples,
+                                                 model.train_cfg)
+    for h in proto_heads(model):
+        h.take_statistics()
+    return explained.graph_count, explained.graph_break_count
+
+
+def compiled_head_rows(models, feats, samples, ch, repeats, device):
+    """Head training step, eager and with each head's loss compiled."""
+    for m in models.values():
+        m.train()
+    steps = {n: (lambda m=m, n=n: head_train_step(m, feats[n], samples))
+             for n, m in models.items()}
+    eager = alternate(steps, repeats, device)
+    breaks = {n: graph_breaks(m, feats[n], samples) for n, m in models.items()}
+    for m in models.values():
+        m.decode_head.loss = torch.compile(m.decode_head.loss)
+    start = time.perf_counter()
+    for fn in steps.values():  # compiles
+        fn()
+    compile_s = time.perf_counter() - start
+    compiled = alternate(steps, repeats, device)
+    for m in models.values():
+        del m.decode_head.loss  # back to the class's method
+    return [
+        f"| {ch} | {mode} | {t['base']:.3f} | {t['proto']:.3f} | "
+        f"{t['proto'] / t['base']:.2f} | {breaks['base'][0]} / "
+        f"{breaks['base'][1]} | {breaks['proto'][0]} / {breaks['proto'][1]}"
+        f" | {'-' if mode == 'eager' else f'{compile_s:.0f}'} |"
+        for mode, t in (('eager', eager), ('compiled', compiled))]
+
+
 def timed(fn, device):
     sync(device)
     t = time.perf_counter()
@@ -217,6 +256,8 @@ def main():
                    default='cached', help='CPU malloc behaviour (see above)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available()
                    else 'cpu')
+    p.add_argument('--compile', action='store_true',
+                   help='also time the heads with torch.compile (table 4)')
     args = p.parse_args()
     if args.allocator == 'cached' and sys.platform.startswith('linux') and \
             any(os.environ.get(k) != v for k, v in CACHED_MALLOC.items()):
@@ -228,7 +269,7 @@ def main():
           f'MiT-B2, 150 classes, K={args.k}, batch {args.batch}, '
           f'{args.size}x{args.size}, allocator {args.allocator}, median of '
           f'{args.repeats} training steps / {args.infer_repeats} inferences')
-    rows, prof_rows, head_rows = [], [], []
+    rows, prof_rows, head_rows, compile_rows = [], [], [], []
     sizes = {150 * args.k, 150}
     for ch in args.channels:
         torch.manual_seed(0)
@@ -301,6 +342,9 @@ def main():
                 f"{head['proto', what]:.3f} | " + split_row(
                     ch, what, head['proto', what] - head['base', what],
                     sims[what]).split('| ', 3)[3])
+        if args.compile:
+            compile_rows += compiled_head_rows(models, feats, samples, ch,
+                                               2 * args.repeats, device)
     print('\n| decoder width | params base / proto (M) | train base (s) | '
           'train proto (s) | train ratio | infer base (s) | infer proto (s) | '
           'infer ratio | GFLOPs base / proto | FLOP ratio |')
@@ -316,6 +360,13 @@ def main():
           'else / added |')
     print('|' + '---|' * 8)
     print('\n'.join(head_rows))
+    if compile_rows:
+        print('\nDecode head training step, eager and torch.compile:\n\n'
+              '| decoder width | mode | base head (s) | ProtoSeg head (s) | '
+              'ratio | base graphs / breaks | ProtoSeg graphs / breaks | '
+              'compile time, both (s) |')
+        print('|' + '---|' * 8)
+        print('\n'.join(compile_rows))
 
 
 if __name__ == '__main__':

@@ -31,7 +31,9 @@ CE = dict(type='CrossEntropyLoss', loss_weight=1.0)
 PPC = dict(type='PixelPrototypeContrastLoss', loss_weight=0.01)
 PPD = dict(type='PixelPrototypeDistanceLoss', loss_weight=0.001)
 
-# name -> (config, ProtoHead overrides or None)
+CAR = 8  # CamVidDataset's class index of 'car'
+
+# name -> (config, ProtoHead overrides or None[, classes held out of training])
 VARIANTS = {
     'parametric': (BASELINE, None),
     'protoseg': (PROTO, {}),
@@ -39,6 +41,12 @@ VARIANTS = {
     'protoseg CE+PPC': (PROTO, dict(loss_decode=[CE, PPC])),
     'protoseg CE+PPD': (PROTO, dict(loss_decode=[CE, PPD])),
     'protoseg K=1': (PROTO, dict(num_prototypes=1)),
+    # Prototype use (docs/prototype_health.md): the paper's PPC temperature.
+    'protoseg PPC T=0.1': (PROTO, dict(loss_decode=[
+        CE, dict(PPC, temperature=0.1), PPD])),
+    # Anomaly maps (benchmarks/camvid_anomaly.py): car pixels ignored in training.
+    'parametric no-car': (BASELINE, None, [CAR]),
+    'protoseg no-car': (PROTO, {}, [CAR]),
 }
 MAIN = ['parametric', 'protoseg']
 ABLATIONS = ['protoseg CE only', 'protoseg CE+PPC', 'protoseg CE+PPD',
@@ -66,8 +74,12 @@ def run_one(variant: str, seed: int, iters: int, data_root: str,
             return super().compute_metrics(results)
 
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
-    cfg_path, head_opts = VARIANTS[variant]
+    cfg_path, head_opts, *held_out = VARIANTS[variant]
     cfg = Config.fromfile(cfg_path)
+    if held_out:  # after LoadAnnotations: those classes' pixels are ignored
+        pipeline = cfg.train_dataloader.dataset.pipeline
+        at = [t['type'] for t in pipeline].index('LoadAnnotations') + 1
+        pipeline.insert(at, dict(type='IgnoreClasses', classes=held_out[0]))
     cfg.work_dir = work_dir
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         cfg[loader].dataset.data_root = data_root
@@ -145,6 +157,9 @@ def main():
                    help='runs in parallel (each gets OMP_NUM_THREADS='
                    'threads // jobs); 2 on a 2-core machine')
     p.add_argument('--threads', type=int, default=os.cpu_count())
+    p.add_argument('--variants', nargs='+', choices=list(VARIANTS),
+                   help='run these variants for every --seeds seed instead of '
+                   'the main comparison and the ablations')
     p.add_argument('--single', nargs=2, metavar=('VARIANT', 'SEED'),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -156,8 +171,11 @@ def main():
         with open(osp.join(work, 'record.json'), 'w') as f:
             json.dump(rec, f)
         return
-    jobs = [(v, s) for s in args.seeds for v in MAIN] + [
-        (v, s) for s in args.ablation_seeds for v in ABLATIONS]
+    if args.variants:
+        jobs = [(v, s) for s in args.seeds for v in args.variants]
+    else:
+        jobs = [(v, s) for s in args.seeds for v in MAIN] + [
+            (v, s) for s in args.ablation_seeds for v in ABLATIONS]
     env = dict(os.environ,
                OMP_NUM_THREADS=str(max(1, args.threads // args.jobs)))
 
@@ -183,7 +201,7 @@ def main():
     table = (f'CamVid val (101 images), {args.iters} iterations, batch 4, '
              f'crop 160x160 at half resolution, {args.jobs} run(s) at a time '
              f'with {env["OMP_NUM_THREADS"]} thread(s) each\n\n' +
-             aggregate(records, MAIN + ABLATIONS))
+             aggregate(records, args.variants or MAIN + ABLATIONS))
     with open(osp.join(args.out, 'results.md'), 'w') as f:
         f.write(table + '\n')
     print(table)

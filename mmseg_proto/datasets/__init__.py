@@ -1,3 +1,4 @@
 from .camvid import CamVidDataset
+from .transforms import IgnoreClasses
 
-__all__ = ['CamVidDataset']
+__all__ = ['CamVidDataset', 'IgnoreClasses']

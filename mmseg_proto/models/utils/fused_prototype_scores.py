@@ -11,6 +11,12 @@ from torch import Tensor
 _EXP_SAFE = 80.0
 
 
+def needs_shift(inv_temperature: float, columns: int) -> bool:
+    """Whether exp() of unit-vector similarities over ``inv_temperature`` must be
+    shifted by the row maximum to stay finite in fp32 (1% margin for rounding)."""
+    return 1.01 * inv_temperature + math.log(columns) >= _EXP_SAFE
+
+
 class FusedPrototypeScores(torch.autograd.Function):
     """Exact fused form of ``max over K``, PPC and PPD, in place.
 
@@ -32,13 +38,15 @@ class FusedPrototypeScores(torch.autograd.Function):
     gradients, followed by the one matmul ``grad @ (protos / T)`` for the
     embeddings' gradient (the prototypes are not learned).
 
-    Numerics: ``exp(Z)`` is taken without subtracting the row maximum when
-    ``max(Z) + log(K*C) < 80`` (always for unit vectors with the default
-    T = 1, where max(Z) <= 1, and with the paper's T = 0.1, where
-    max(Z) <= 10): the sum then neither overflows nor underflows in fp32 and
-    equals the shifted computation up to rounding. Otherwise (a very low
-    temperature) the row maximum, read from the (N, C) class scores, is
-    subtracted first, as ``logsumexp`` does. Class scores and PPD use
+    Numerics: ``emb`` and the prototypes are unit vectors, so every
+    ``|Z| <= 1 / T``. ``exp(Z)`` is taken without subtracting the row
+    maximum when ``1 / T + log(K*C) < 80`` (the default T = 1 and the
+    paper's T = 0.1 both): the sum then neither overflows nor underflows in
+    fp32 and equals the shifted computation up to rounding. Otherwise (a
+    very low temperature) the row maximum, read from the (N, C) class
+    scores, is subtracted first, as ``logsumexp`` does. The choice depends
+    only on T, K and C, never on the data: no host synchronisation, and
+    ``torch.compile`` traces the function without a graph break. Class scores and PPD use
     ``S = Z * T``, equal to the directly computed cosines up to rounding.
     Fp16/bf16 similarities are exponentiated in an fp32 copy.
 
@@ -76,11 +84,9 @@ class FusedPrototypeScores(torch.autograd.Function):
         class_scores = best if temperature == 1.0 else best * temperature
         numer = scaled.float()  # `scaled` itself when it is fp32
         shift: Optional[Tensor] = None
-        if n:
-            high, low = torch.stack([row_max.max(), row_max.min()]).tolist()
-            if high + math.log(k * c) >= _EXP_SAFE or low <= -_EXP_SAFE:
-                shift = row_max
-                numer.sub_(shift[:, None])
+        if needs_shift(inv_temperature, k * c):
+            shift = row_max
+            numer.sub_(shift[:, None])
         numer.exp_()
         sum_exp = numer.sum(dim=1)
         lse = sum_exp.log() if shift is None else sum_exp.log() + shift

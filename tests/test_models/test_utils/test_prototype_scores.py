@@ -62,3 +62,27 @@ def test_fast_paths_equal_the_reference_terms(path, dtype, c, k, temperature):
     for a, b in zip(*outs):  # class scores, PPC, PPD, gradient
         torch.testing.assert_close(a.to(b.dtype), b, **tol)
     assert (outs[0][1][labels == 255] == 0).all() and (outs[0][2][labels == 255] == 0).all()
+
+
+def test_fused_path_has_no_graph_break_for_torch_compile():
+    # What MMEngine's compile=True needs of the fused path: dynamo traces the scores step,
+    # the fused autograd function included, as one graph (no host sync such as .tolist()).
+    c, k = 5, 3
+    emb, protos, labels, valid, targets, _ = make_inputs(c, k, 64, 8, torch.float32)
+    emb.requires_grad_()
+
+    def scores_step(emb, protos, labels, valid, targets):
+        scores = FusedScores(emb, protos, labels, valid, c, k, 10.0)
+        class_scores, terms = scores.terms(targets)
+        return class_scores.sum() + terms['ppc'].sum() + terms['ppd'].sum(), scores.own
+
+    explained = torch._dynamo.explain(scores_step)(emb, protos, labels, valid, targets)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize('temperature,columns,shifted', [(1.0, 1500, False), (0.1, 8470, False),
+                                                         (0.0125, 1500, True)])
+def test_exp_shift_is_decided_by_temperature_and_columns(temperature, columns, shifted):
+    from mmseg_proto.models.utils.fused_prototype_scores import needs_shift
+    assert needs_shift(1.0 / temperature, columns) is shifted

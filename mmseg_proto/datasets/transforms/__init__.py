@@ -1,0 +1,3 @@
+from .ignore_classes import IgnoreClasses
+
+__all__ = ['IgnoreClasses']
