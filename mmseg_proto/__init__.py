@@ -1,9 +1,10 @@
 """mmseg_proto: ProtoSeg (CVPR 2022) as an MMSegmentation 1.x plugin.
 
-Importing the package registers, in MMSeg's registries, ``ProtoHead``
-(MODELS), ``PixelPrototypeContrastLoss`` and ``PixelPrototypeDistanceLoss``
+Importing the package registers, in MMSeg's registries, ``ProtoHead`` and
+``ProtoEncoderDecoder`` (MODELS), ``PixelPrototypeContrastLoss`` and ``PixelPrototypeDistanceLoss``
 (MODELS), ``HRNetRefAlign`` (MODELS, the authors' HRNet variant for their
-checkpoint), ``PrototypeUpdateHook`` (HOOKS) and ``CamVidDataset`` (DATASETS),
+checkpoint), ``PrototypeUpdateHook`` (HOOKS), ``CamVidDataset`` (DATASETS) and
+``IgnoreClasses`` (TRANSFORMS),
 and makes mmengine's checkpoint loader admit, during each load only, the numeric numpy
 and HistoryBuffer data mmengine checkpoints hold, so that torch >= 2.6 loads them (see
 :mod:`mmseg_proto.utils.checkpoint_loading`; plain ``torch.load`` is left as torch has it).
@@ -23,6 +24,7 @@ from .datasets import *  # noqa: E402,F401,F403
 from .engine import *  # noqa: E402,F401,F403
 from .models import *  # noqa: E402,F401,F403
 
-__all__ = ["__version__", "CamVidDataset", "ProtoHead", "HRNetRefAlign",
+__all__ = ["__version__", "CamVidDataset", "IgnoreClasses", "ProtoHead",
+           "ProtoEncoderDecoder", "HRNetRefAlign",
            "PixelPrototypeContrastLoss", "PixelPrototypeDistanceLoss",
            "PrototypeUpdateHook", "sinkhorn_knopp"]

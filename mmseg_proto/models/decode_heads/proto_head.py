@@ -1,7 +1,7 @@
 """ProtoSeg decode head: nonparametric prototypes on top of any decoder."""
 import copy
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -266,6 +266,32 @@ class ProtoHead(BaseDecodeHead):
         """
         if torch.is_grad_enabled():
             return self._scores(inputs)[2]
+        return self._seg_logits(self._class_scores(inputs), contiguous=False)
+
+    def predict_with_anomaly(self, inputs: Sequence[Tensor],
+                             batch_img_metas: List[dict],
+                             test_cfg: ConfigType) -> Tensor:
+        """Segmentation logits and the anomaly map, resized to the input.
+
+        The anomaly score of a pixel is ``1 - max cosine similarity`` to any
+        prototype of any class (before the LayerNorm over classes): 0 on a
+        prototype, up to 2 opposite to all of them; higher = farther from
+        everything seen in training.
+
+        Returns:
+            Tensor: (B, C + 1, H, W): the C segmentation logits of
+            :meth:`predict`, then the anomaly map as channel C.
+        """
+        class_scores = self._class_scores(inputs)  # (B, h, w, C)
+        anomaly = 1.0 - class_scores.amax(dim=-1, keepdim=True)
+        stacked = torch.cat([self.mask_norm(class_scores), anomaly], dim=-1)
+        return self.predict_by_feat(stacked.permute(0, 3, 1, 2),
+                                    batch_img_metas)
+
+    @torch.no_grad()
+    def _class_scores(self, inputs: Sequence[Tensor]) -> Tensor:
+        """(B, H, W, C) max over each class's K prototype similarities,
+        without forming the (pixels x C*K) matrix (see :meth:`forward`)."""
         emb = self.embed(inputs)
         flat = emb.view(-1, emb.shape[-1])
         slabs = prototype_matrix(self.prototypes).to(emb.dtype).view(
@@ -279,8 +305,7 @@ class ProtoHead(BaseDecodeHead):
             sims = torch.mm(flat, slab.T, out=buf) if reuse else F.linear(
                 flat, slab)
             torch.maximum(class_scores, sims, out=class_scores)
-        return self._seg_logits(
-            class_scores.view(*emb.shape[:-1], -1), contiguous=False)
+        return class_scores.view(*emb.shape[:-1], -1)
 
     def loss(self, inputs: Sequence[Tensor], batch_data_samples: SampleList,
              train_cfg: ConfigType) -> Dict[str, Tensor]:

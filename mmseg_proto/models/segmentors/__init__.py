@@ -1,0 +1,3 @@
+from .proto_encoder_decoder import ProtoEncoderDecoder
+
+__all__ = ['ProtoEncoderDecoder']
