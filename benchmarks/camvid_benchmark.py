@@ -33,7 +33,8 @@ PPD = dict(type='PixelPrototypeDistanceLoss', loss_weight=0.001)
 
 CAR = 8  # CamVidDataset's class index of 'car'
 
-# name -> (config, ProtoHead overrides or None[, classes held out of training])
+# name -> (config, ProtoHead overrides or None[, extra]); extra: 'held_out' (classes ignored
+# in training), 'hook' (PrototypeUpdateHook overrides)
 VARIANTS = {
     'parametric': (BASELINE, None),
     'protoseg': (PROTO, {}),
@@ -45,8 +46,10 @@ VARIANTS = {
     'protoseg PPC T=0.1': (PROTO, dict(loss_decode=[
         CE, dict(PPC, temperature=0.1), PPD])),
     # Anomaly maps (benchmarks/camvid_anomaly.py): car pixels ignored in training.
-    'parametric no-car': (BASELINE, None, [CAR]),
-    'protoseg no-car': (PROTO, {}, [CAR]),
+    'parametric no-car': (BASELINE, None, dict(held_out=[CAR])),
+    'protoseg no-car': (PROTO, {}, dict(held_out=[CAR])),
+    # Re-seeding prototypes that are nearly never the nearest one of their class.
+    'protoseg reseed': (PROTO, {}, dict(hook=dict(reseed_interval=100))),
 }
 MAIN = ['parametric', 'protoseg']
 ABLATIONS = ['protoseg CE only', 'protoseg CE+PPC', 'protoseg CE+PPD',
@@ -74,12 +77,17 @@ def run_one(variant: str, seed: int, iters: int, data_root: str,
             return super().compute_metrics(results)
 
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
-    cfg_path, head_opts, *held_out = VARIANTS[variant]
+    cfg_path, head_opts, *extra = VARIANTS[variant]
+    extra = extra[0] if extra else {}
     cfg = Config.fromfile(cfg_path)
-    if held_out:  # after LoadAnnotations: those classes' pixels are ignored
+    if 'held_out' in extra:  # after LoadAnnotations: those pixels are ignored
         pipeline = cfg.train_dataloader.dataset.pipeline
         at = [t['type'] for t in pipeline].index('LoadAnnotations') + 1
-        pipeline.insert(at, dict(type='IgnoreClasses', classes=held_out[0]))
+        pipeline.insert(at, dict(type='IgnoreClasses',
+                                 classes=extra['held_out']))
+    for hook in cfg.get('custom_hooks', []):
+        if hook['type'] == 'PrototypeUpdateHook':
+            hook.update(extra.get('hook', {}))
     cfg.work_dir = work_dir
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         cfg[loader].dataset.data_root = data_root

@@ -95,3 +95,68 @@ def test_without_accumulation_every_iteration_updates():
     hook.after_train_iter(runner, 0)
     torch.testing.assert_close(head.prototypes, hand_ema(start, sums, counts, 0.7))
     assert counts.sum() > 0
+
+
+def test_reseed_moves_the_least_used_prototype_onto_the_outliers_only():
+    head = make_head(num_classes=2, channels=4, num_prototypes=3)
+    start = head.prototypes.clone()
+    # Class 0: prototype 2 never nearest; class 1: all used (>= 1%).
+    nearest = torch.tensor([60., 40., 0., 30., 30., 40.])
+    outlier_sums = torch.tensor([[0., 3., 4., 0.], [1., 1., 1., 1.]])
+    reseeded = head.reseed_prototypes(nearest, outlier_sums, torch.tensor([5., 5.]), 0.01)
+    assert reseeded == [(0, 2)]
+    torch.testing.assert_close(head.prototypes[0, 2], torch.tensor([0., 0.6, 0.8, 0.]))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 2] = False
+    assert torch.equal(head.prototypes[mask], start[mask])  # the others bit-identical
+    # No outliers or no pixels of the class: nothing to re-seed from.
+    assert head.reseed_prototypes(nearest, outlier_sums, torch.tensor([0., 5.]), 0.5) == [(1, 0)]
+    assert head.reseed_prototypes(torch.zeros(6), outlier_sums, torch.ones(2), 0.5) == []
+
+
+def test_usage_statistics_count_nearest_prototypes_and_sum_the_worst_served():
+    head = make_head(num_classes=2, channels=2, num_prototypes=2)
+    labels = torch.tensor([0, 0, 0, 1])
+    own = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.2, 0.3], [0.5, 0.4]])
+    correct = torch.tensor([True, True, True, False])
+    emb = torch.tensor([[1., 0.], [2., 0.], [0., 5.]])
+    usage = head.usage_statistics(labels, own, correct, emb)
+    assert usage['nearest'].tolist() == [2., 1., 1., 0.]  # class 0: #0 twice, #1 once
+    # Class 0's best similarities 0.9, 0.8, 0.3 (mean 0.667): only the third is an outlier.
+    assert usage['outlier_sums'].tolist() == [[0., 5.], [0., 0.]]
+    assert usage['outlier_counts'].tolist() == [1., 0.]
+
+
+def test_hook_reseeds_every_interval_and_logs_it():
+    torch.manual_seed(0)
+    head = make_head(num_classes=3, channels=8, num_prototypes=4, momentum=1.0)
+    hook = PrototypeUpdateHook(log_interval=0, reseed_interval=2, reseed_min_share=0.3)
+    runner, param = fake_runner(head, accumulative_counts=1)
+    runner.train_dataloader = None
+    hook.before_train(runner)
+    assert head.collect_usage
+    g = torch.Generator().manual_seed(0)
+    start = head.prototypes.clone()  # momentum 1: the update itself moves nothing
+    for it in range(2):
+        x = [torch.randn(2, 8, 6, 5, generator=g)]
+        labels = torch.randint(0, 3, (2, 6, 5), generator=g)
+        losses = head.loss(x, make_samples(labels), None)
+        runner.iter = it
+        runner.optim_wrapper.update_params(losses['loss_ce'] + param.sum())
+        hook.after_train_iter(runner, it)
+        if it == 0:
+            # mid-window: nothing re-seeded (momentum 1: only renormalisation rounding)
+            torch.testing.assert_close(head.prototypes, start)
+    moved = (head.prototypes - start).abs().amax(dim=-1) > 1e-3
+    reseeded = runner.message_hub.get_scalar('train/proto_reseeded').current()
+    assert reseeded == moved.sum() >= 1
+    assert (moved.sum(dim=1) <= 1).all()  # at most one per class per window
+    assert hook._window == {} and hook._window_updates == 0
+
+
+def test_reseed_options_are_checked():
+    import pytest
+    with pytest.raises(ValueError, match='reseed_interval must be an integer >= 0'):
+        PrototypeUpdateHook(reseed_interval=-1)
+    with pytest.raises(ValueError, match='reseed_min_share must be in'):
+        PrototypeUpdateHook(reseed_min_share=0)

@@ -52,9 +52,26 @@ class PrototypeUpdateHook(Hook):
       go, as ``train/proto_entropy/<class>``, to the visualizer backends only
       (``vis_data/scalars.json``, TensorBoard), not to the console.
 
+    Re-seeding (off by default; ``reseed_interval > 0``): the head also
+    counts, every iteration, how often each prototype is the nearest one of
+    its class (the inference rule) and sums the class's worst-served
+    correctly classified embeddings (``ProtoHead.usage_statistics``). Every
+    ``reseed_interval`` prototype updates the hook sums those over the
+    window and over processes and, per class, moves the least used
+    prototype onto the normalised mean of those embeddings if it is the
+    nearest one for fewer than ``reseed_min_share`` of the class's pixels
+    (``ProtoHead.reseed_prototypes``; one per class per window, identical on
+    every process). Each re-seeding is logged (class and prototype) and
+    counted in ``train/proto_reseeded``. The window restarts on resume.
+
     Args:
         log_interval (int): Every how many iterations to log the prototype
             diagnostics above. 0 disables. Default: 50.
+        reseed_interval (int): Prototype updates per re-seeding window; 0
+            disables re-seeding. Default: 0.
+        reseed_min_share (float): A prototype that is the nearest one for
+            fewer than this share of its class's pixels in a window is
+            re-seeded. Default: 0.01.
         per_class_entropy (bool): Also write the per-class assignment
             entropies to the visualizer backends. Default: True.
         priority (str | int): Hook priority. It must run before
@@ -66,11 +83,27 @@ class PrototypeUpdateHook(Hook):
 
     def __init__(self, log_interval: int = 50,
                  priority: Optional[str] = None,
-                 per_class_entropy: bool = True) -> None:
+                 per_class_entropy: bool = True,
+                 reseed_interval: int = 0,
+                 reseed_min_share: float = 0.01) -> None:
         if log_interval < 0:
             raise ValueError('PrototypeUpdateHook: log_interval must be >= 0, '
                              f'got {log_interval}')
+        if not (isinstance(reseed_interval, int) and reseed_interval >= 0):
+            raise ValueError('PrototypeUpdateHook: reseed_interval must be an '
+                             'integer >= 0 (0: no re-seeding), got '
+                             f'{reseed_interval!r}')
+        if not (isinstance(reseed_min_share, (int, float)) and
+                0 < reseed_min_share <= 1):
+            raise ValueError('PrototypeUpdateHook: reseed_min_share must be '
+                             f'in (0, 1], got {reseed_min_share!r}')
         self.log_interval = log_interval
+        self.reseed_interval = reseed_interval
+        self.reseed_min_share = float(reseed_min_share)
+        # Per head: usage summed over the current re-seeding window, and the
+        # number of prototype updates in it.
+        self._window: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._window_updates = 0
         self.per_class_entropy = per_class_entropy
         if priority is not None:
             self.priority = priority
@@ -92,6 +125,8 @@ class PrototypeUpdateHook(Hook):
         if not self.heads:
             runner.logger.warning('PrototypeUpdateHook: the model has no '
                                   'ProtoHead; the hook does nothing.')
+        for head in self.heads:
+            head.collect_usage = self.reseed_interval > 0
 
     def before_train_iter(self, runner, batch_idx: int,
                           data_batch=None) -> None:
@@ -125,6 +160,11 @@ class PrototypeUpdateHook(Hook):
             before = head.prototypes.clone() if self._log_now(runner) \
                 else None
             updated = head.update_prototypes(sums, counts)
+            if stats.usage is not None:
+                window = self._window.setdefault(i, {})
+                for key, value in stats.usage.items():
+                    window[key] = window[key] + value if key in window \
+                        else value
             if before is not None:
                 tag = 'train/proto' if i == 0 else f'train/proto{i}'
                 cos = (before * head.prototypes).sum(-1).clamp(-1, 1)
@@ -135,6 +175,36 @@ class PrototypeUpdateHook(Hook):
                 hub.update_scalar(f'{tag}_shift_deg', shift.mean().item())
                 if assign_stats is not None:
                     self._log_assignments(runner, head, tag, assign_stats)
+        if self.reseed_interval and _optimizer_stepped(runner):
+            self._window_updates += 1
+            if self._window_updates == self.reseed_interval:
+                self._reseed(runner)
+
+    def _reseed(self, runner) -> None:
+        """End of a re-seeding window: sum its usage over processes and
+        re-seed (see the class doc)."""
+        for i, head in enumerate(self.heads):
+            window = self._window.pop(i, None)
+            if window is None:
+                continue
+            if get_world_size() > 1:
+                for value in window.values():
+                    all_reduce(value, op='sum')
+            reseeded = head.reseed_prototypes(
+                window['nearest'], window['outlier_sums'],
+                window['outlier_counts'], self.reseed_min_share)
+            tag = 'train/proto' if i == 0 else f'train/proto{i}'
+            runner.message_hub.update_scalar(f'{tag}_reseeded',
+                                             float(len(reseeded)))
+            if reseeded:
+                names = _class_names(runner, head.num_classes)
+                runner.logger.info(
+                    f'PrototypeUpdateHook: iteration {runner.iter + 1}, '
+                    f're-seeded {len(reseeded)} prototype(s) used by fewer '
+                    f'than {self.reseed_min_share:.0%} of their class\'s '
+                    'pixels: ' + ', '.join(f'{names[c]}#{k}'
+                                           for c, k in reseeded))
+        self._window_updates = 0
 
     def _log_assignments(self, runner, head: ProtoHead, tag: str,
                          stats: Dict[str, torch.Tensor]) -> None:

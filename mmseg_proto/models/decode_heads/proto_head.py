@@ -201,6 +201,8 @@ class ProtoHead(BaseDecodeHead):
         # on the iterations it logs, to add the Sinkhorn diagnostics.
         self._statistics: Optional[PrototypeStatistics] = None
         self.collect_assignments = False
+        # Set by PrototypeUpdateHook while it re-seeds unused prototypes.
+        self.collect_usage = False
 
     def _split_losses(self) -> None:
         """Separate prototype losses from pixel (segmentation) losses."""
@@ -390,7 +392,9 @@ class ProtoHead(BaseDecodeHead):
         assignments = self.assignment_statistics(
             labels_v, proto_index, transport, own) \
             if self.collect_assignments else None
-        return PrototypeStatistics(sums, counts, assignments)
+        usage = self.usage_statistics(labels_v, own, correct, emb) \
+            if self.collect_usage else None
+        return PrototypeStatistics(sums, counts, assignments, usage)
 
     def _check_labels(self, seg_label: Tensor) -> None:
         """Raise on label values that are neither a class nor ignored."""
@@ -435,6 +439,69 @@ class ProtoHead(BaseDecodeHead):
             assigned=torch.bincount(targets, minlength=c * k).float(),
             nearest=torch.bincount(buffer_index(labels, own.argmax(dim=1), k),
                                    minlength=c * k).float())
+
+    @torch.no_grad()
+    def usage_statistics(self, labels: Tensor, own: Tensor, correct: Tensor,
+                         correct_emb: Tensor) -> Dict[str, Tensor]:
+        """What re-seeding unused prototypes needs from one batch.
+
+        Args:
+            labels (Tensor): (N,) class of each labelled pixel.
+            own (Tensor): (N, K) similarities to the class's prototypes.
+            correct (Tensor): (N,) bool, correctly classified.
+            correct_emb (Tensor): (M, D) fp32 embeddings of the correct ones.
+
+        Returns:
+            dict[str, Tensor]: ``nearest`` (C*K,) labelled pixels whose
+            nearest own-class prototype it is (the inference rule);
+            ``outlier_sums`` (C, D) / ``outlier_counts`` (C,) sum and number
+            of the correctly classified pixels of each class that are farther
+            from their nearest prototype than the class's mean in the batch
+            (the pixels its prototypes serve worst). fp32 sums, so they can
+            be summed over iterations and processes.
+        """
+        c, k = self.num_classes, self.num_prototypes
+        best, nearest_k = own.float().max(dim=1)
+        nearest = torch.bincount(buffer_index(labels, nearest_k, k),
+                                 minlength=c * k).float()
+        cls, sim = labels[correct], best[correct]
+        num = torch.bincount(cls, minlength=c).float()
+        mean = sim.new_zeros(c).index_add_(0, cls, sim) / num.clamp(min=1)
+        far = sim < mean[cls]
+        return dict(
+            nearest=nearest,
+            outlier_sums=correct_emb.new_zeros(c, correct_emb.shape[1])
+            .index_add_(0, cls[far], correct_emb[far]),
+            outlier_counts=torch.bincount(cls[far], minlength=c).float())
+
+    @torch.no_grad()
+    def reseed_prototypes(self, nearest: Tensor, outlier_sums: Tensor,
+                          outlier_counts: Tensor,
+                          min_share: float) -> List[Tuple[int, int]]:
+        """Move each class's least used prototype onto its outliers.
+
+        For every class whose least used prototype is the nearest one for
+        fewer than ``min_share`` of the class's pixels (a dead or duplicate
+        prototype at inference), that prototype becomes the normalised mean
+        of the class's outliers (:meth:`usage_statistics`); one prototype per
+        class per call, the others stay bit-identical. Deterministic: the
+        same statistics give the same prototypes on every process.
+
+        Returns:
+            list[tuple[int, int]]: (class, prototype) of each re-seeded one.
+        """
+        c, k, _ = self.prototypes.shape
+        usage = nearest.view(c, k)
+        pixels = usage.sum(dim=1)
+        least, which = (usage / pixels.clamp(min=1)[:, None]).min(dim=1)
+        chosen = (pixels > 0) & (outlier_counts > 0) & (least < min_share)
+        reseeded = []
+        for cls in torch.nonzero(chosen).flatten().tolist():
+            proto = int(which[cls])
+            self.prototypes[cls, proto] = F.normalize(
+                outlier_sums[cls].to(self.prototypes.dtype), dim=0)
+            reseeded.append((cls, proto))
+        return reseeded
 
     def take_statistics(self) -> Optional[PrototypeStatistics]:
         """Take the :class:`PrototypeStatistics` of the last ``loss`` call

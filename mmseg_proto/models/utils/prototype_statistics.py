@@ -24,15 +24,25 @@ class PrototypeStatistics:
         assignments (dict[str, Tensor], optional): Sinkhorn diagnostics
             (``ProtoHead.assignment_statistics``), only on the iterations
             the hook logs.
+        usage (dict[str, Tensor], optional): What re-seeding needs
+            (``ProtoHead.usage_statistics``), every iteration while the hook
+            re-seeds: ``nearest`` (C*K,), ``outlier_sums`` (C, D),
+            ``outlier_counts`` (C,), all fp32 sums.
     """
 
     sums: Tensor
     counts: Tensor
     assignments: Optional[Dict[str, Tensor]] = None
+    usage: Optional[Dict[str, Tensor]] = None
 
     def __add__(self, other: 'PrototypeStatistics') -> 'PrototypeStatistics':
         """Statistics of two iterations together (gradient accumulation);
-        the diagnostics are the later iteration's."""
+        the diagnostics are the later iteration's, the usage sums add up."""
+        usage = other.usage or self.usage
+        if self.usage and other.usage:
+            usage = {key: value + other.usage[key]
+                     for key, value in self.usage.items()}
         return PrototypeStatistics(self.sums + other.sums,
                                    self.counts + other.counts,
-                                   other.assignments or self.assignments)
+                                   other.assignments or self.assignments,
+                                   usage)
