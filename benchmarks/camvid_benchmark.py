@@ -50,6 +50,9 @@ VARIANTS = {
     'protoseg no-car': (PROTO, {}, dict(held_out=[CAR])),
     # Re-seeding prototypes that are nearly never the nearest one of their class.
     'protoseg reseed': (PROTO, {}, dict(hook=dict(reseed_interval=100))),
+    # The paper's Table 5(d) distance measures (cosine is 'protoseg').
+    'protoseg distance=standard': (PROTO, dict(distance='standard')),
+    'protoseg distance=huberized': (PROTO, dict(distance='huberized')),
 }
 MAIN = ['parametric', 'protoseg']
 ABLATIONS = ['protoseg CE only', 'protoseg CE+PPC', 'protoseg CE+PPD',

@@ -17,7 +17,8 @@ from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
 from ..utils.l2_normalize import l2_normalize
 from ..utils.prototype_index import (buffer_index, prototype_matrix,
                                      similarity_column)
-from ..utils.prototype_scores import SCORE_PATHS, StreamedScores
+from ..utils.prototype_distance import DISTANCES, similarity_from_cosine
+from ..utils.prototype_scores import SCORE_PATHS, EagerScores, StreamedScores
 from ..utils.prototype_statistics import PrototypeStatistics
 from ..utils.sinkhorn import sinkhorn_knopp
 
@@ -78,6 +79,16 @@ class ProtoHead(BaseDecodeHead):
             block, at the cost of one more matmul (for large C*K, e.g.
             ADE20K-full 847 x 10, when memory is tight). Needs the standard
             PPC/PPD losses.
+        distance (str): Pixel-prototype measure used by the class scores,
+            the clustering and the losses: 'cosine' (the paper's; default),
+            'standard' (Euclidean) or 'huberized' (Huber of the Euclidean
+            distance), as defined in :mod:`..utils.prototype_distance` (the
+            paper's Table 5(d) names them without definitions). Other than
+            'cosine' runs the plain-autograd scores path (no fused or
+            streamed path).
+        huber_delta (float): Where the huberized distance turns from
+            quadratic to linear (unit vectors: distances in [0, 2]).
+            Default: 1.0.
         reference_width_norm (bool): Reproduce the authors' code, which
             L2-normalises the projection output over the image *width* axis
             before ``feat_norm``. Only for running converted authors'
@@ -112,6 +123,8 @@ class ProtoHead(BaseDecodeHead):
                  sync_sinkhorn: bool = True,
                  fused_losses: bool = True,
                  similarity_chunk: Optional[int] = None,
+                 distance: str = 'cosine',
+                 huber_delta: float = 1.0,
                  reference_width_norm: bool = False,
                  load_prototypes: bool = True,
                  loss_decode: ConfigType = (
@@ -127,6 +140,7 @@ class ProtoHead(BaseDecodeHead):
                        sinkhorn_iters=sinkhorn_iters, sync_sinkhorn=sync_sinkhorn,
                        fused_losses=fused_losses,
                        similarity_chunk=similarity_chunk,
+                       distance=distance, huber_delta=huber_delta,
                        reference_width_norm=reference_width_norm,
                        load_prototypes=load_prototypes)
         decoder = copy.deepcopy(dict(_check_decoder(decoder)))
@@ -169,7 +183,9 @@ class ProtoHead(BaseDecodeHead):
         types = [type(m) for m in self.loss_proto]
         standard = len(types) == len(set(types)) and set(types) <= {
             PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss}
-        self.fused_losses = fused_losses and standard
+        self.distance = distance
+        self.huber_delta = float(huber_delta)
+        self.fused_losses = fused_losses and standard and distance == 'cosine'
         # The implementation of the prototype-scores step (see
         # mmseg_proto/models/utils/prototype_scores.py), chosen once.
         self.scores_path = 'streamed' if similarity_chunk else (
@@ -179,6 +195,11 @@ class ProtoHead(BaseDecodeHead):
                 f'ProtoHead: similarity_chunk={similarity_chunk!r} needs the '
                 'standard prototype losses (at most one '
                 'PixelPrototypeContrastLoss and one PixelPrototypeDistanceLoss)')
+        if similarity_chunk is not None and distance != 'cosine':
+            raise ValueError(
+                f'ProtoHead: similarity_chunk={similarity_chunk!r} needs '
+                f"distance='cosine' (got {distance!r}); set "
+                'similarity_chunk=None')
         self.similarity_chunk = similarity_chunk
         self.reference_width_norm = reference_width_norm
         self.load_prototypes = load_prototypes
@@ -252,7 +273,7 @@ class ProtoHead(BaseDecodeHead):
         """Embeddings (B,H,W,D), prototype similarities (B,H,W,K*C) and
         segmentation logits (B,C,H,W)."""
         emb = self.embed(inputs)
-        sims = F.linear(emb, self._prototype_matrix(emb.dtype))
+        sims = self._similarity(F.linear(emb, self._prototype_matrix(emb.dtype)))
         c, k = self.num_classes, self.num_prototypes
         class_scores = sims.unflatten(-1, (k, c)).max(dim=-2).values
         return emb, sims, self._seg_logits(class_scores)
@@ -268,7 +289,8 @@ class ProtoHead(BaseDecodeHead):
         """
         if torch.is_grad_enabled():
             return self._scores(inputs)[2]
-        return self._seg_logits(self._class_scores(inputs), contiguous=False)
+        return self._seg_logits(self._similarity(self._class_scores(inputs)),
+                                contiguous=False)
 
     def predict_with_anomaly(self, inputs: Sequence[Tensor],
                              batch_img_metas: List[dict],
@@ -284,16 +306,22 @@ class ProtoHead(BaseDecodeHead):
             Tensor: (B, C + 1, H, W): the C segmentation logits of
             :meth:`predict`, then the anomaly map as channel C.
         """
-        class_scores = self._class_scores(inputs)  # (B, h, w, C)
-        anomaly = 1.0 - class_scores.amax(dim=-1, keepdim=True)
-        stacked = torch.cat([self.mask_norm(class_scores), anomaly], dim=-1)
+        cosines = self._class_scores(inputs)  # (B, h, w, C)
+        anomaly = 1.0 - cosines.amax(dim=-1, keepdim=True)
+        stacked = torch.cat(
+            [self.mask_norm(self._similarity(cosines)), anomaly], dim=-1)
         return self.predict_by_feat(stacked.permute(0, 3, 1, 2),
                                     batch_img_metas)
 
+    def _similarity(self, cosines: Tensor) -> Tensor:
+        """The ``distance`` option's similarity of unit vectors with these
+        cosines (monotone in the cosine, so it commutes with max over K)."""
+        return similarity_from_cosine(cosines, self.distance, self.huber_delta)
+
     @torch.no_grad()
     def _class_scores(self, inputs: Sequence[Tensor]) -> Tensor:
-        """(B, H, W, C) max over each class's K prototype similarities,
-        without forming the (pixels x C*K) matrix (see :meth:`forward`)."""
+        """(B, H, W, C) max over each class's K prototype cosines, without
+        forming the (pixels x C*K) matrix (see :meth:`forward`)."""
         emb = self.embed(inputs)
         flat = emb.view(-1, emb.shape[-1])
         slabs = prototype_matrix(self.prototypes).to(emb.dtype).view(
@@ -352,6 +380,8 @@ class ProtoHead(BaseDecodeHead):
                 self.num_classes, self.num_prototypes, inv_t)
         if self.scores_path == 'streamed':
             return StreamedScores(*args, chunk=self.similarity_chunk)
+        if self.distance != 'cosine':
+            return EagerScores(*args, to_similarity=self._similarity)
         return SCORE_PATHS[self.scores_path](*args)
 
     def _losses(self, class_scores: Tensor, proto_losses: Sequence[Tensor],
@@ -589,6 +619,8 @@ OPTION_RULES = {
     'fused_losses': (lambda v: isinstance(v, bool), 'True or False'),
     'similarity_chunk': (lambda v: v is None or (_is_int(v) and v >= 1),
                          'None or an integer >= 1'),
+    'distance': (lambda v: v in DISTANCES, f'one of {DISTANCES}'),
+    'huber_delta': (lambda v: _is_real(v) and v > 0, 'a number > 0'),
     'reference_width_norm': (lambda v: isinstance(v, bool), 'True or False'),
     'load_prototypes': (lambda v: isinstance(v, bool), 'True or False'),
 }

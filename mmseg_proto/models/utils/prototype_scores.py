@@ -16,7 +16,7 @@ in place; :class:`ChunkedPrototypeScores`: blocks of pixels, recomputed in backw
 them to the loss modules' ``reduce``; they are tested against the modules' ``per_pixel``.
 ProtoHead chooses one at construction (``fused_losses``, ``similarity_chunk``).
 """
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,18 @@ from .fused_prototype_scores import FusedPrototypeScores
 
 
 class EagerScores:
-    """Plain autograd over the (N, K*C) similarities; calls the loss modules."""
+    """Plain autograd over the (N, K*C) similarities; calls the loss modules.
+
+    ``to_similarity`` maps the cosines to the similarity the head's ``distance`` option
+    names (:func:`.prototype_distance.similarity_from_cosine`); None: the cosine itself."""
 
     def __init__(self, emb: Tensor, protos: Tensor, labels: Tensor, valid: Tensor,
-                 num_classes: int, num_prototypes: int, inv_temperature: float) -> None:
+                 num_classes: int, num_prototypes: int, inv_temperature: float,
+                 to_similarity: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         self.c, self.k = num_classes, num_prototypes
         self.sims = F.linear(emb, protos)
+        if to_similarity is not None:
+            self.sims = to_similarity(self.sims)
         self.own = self.sims.detach().view(-1, self.k, self.c)[valid, :, labels[valid]]
 
     def finish(self, targets: Tensor, loss_fns: Sequence, num_valid: int):
