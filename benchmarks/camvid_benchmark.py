@@ -50,6 +50,8 @@ VARIANTS = {
     'protoseg no-car': (PROTO, {}, dict(held_out=[CAR])),
     # Re-seeding prototypes that are nearly never the nearest one of their class.
     'protoseg reseed': (PROTO, {}, dict(hook=dict(reseed_interval=100))),
+    # Momentum for a short schedule: 0.999^1000 = 37% of the random start left.
+    'protoseg momentum=0.99': (PROTO, dict(momentum=0.99)),
     # The paper's Table 5(d) distance measures (cosine is 'protoseg').
     'protoseg distance=standard': (PROTO, dict(distance='standard')),
     'protoseg distance=huberized': (PROTO, dict(distance='huberized')),
