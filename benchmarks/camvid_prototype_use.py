@@ -1,0 +1,83 @@
+"""Prototype use against mIoU for ProtoSeg variants trained by camvid_benchmark.py.
+
+For every (variant, seed) run found under --out/work, measures prototype health on the CamVid
+val split (``mmseg_proto.evaluation.prototype_health``: effective prototypes per class, the
+exp-entropy of their use, pairwise cosines) and prints a Markdown table beside the run's val
+mIoU: mean over seeds, per-seed values in brackets. Train the runs first, e.g.
+
+    python benchmarks/camvid_benchmark.py --iters 1000 --seeds 0 1 --jobs 2 --out DIR \
+        --variants protoseg 'protoseg PPC T=0.1' 'protoseg reseed' 'protoseg momentum=0.99'
+    python benchmarks/camvid_prototype_use.py --out DIR --variants protoseg ...
+"""
+import argparse
+import glob
+import json
+import os
+import os.path as osp
+
+import numpy as np
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def health_of_run(work_dir: str, data_root: str) -> dict:
+    """Mean over classes of the health figures of one run's final checkpoint."""
+    from mmseg.registry import DATASETS
+
+    from mmseg_proto.evaluation import nearest_prototype_usage, prototype_health
+    from mmseg_proto.visualization.prototypes import (collect_embeddings, load_model,
+                                                      proto_head)
+    config = glob.glob(osp.join(work_dir, '*.py'))[0]
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        checkpoint = f.read().strip()
+    model = load_model(config, checkpoint, 'cpu')
+    loader = model.cfg.val_dataloader or model.cfg.test_dataloader
+    loader['dataset']['data_root'] = data_root
+    dataset = DATASETS.build(loader['dataset'])
+    head = proto_head(model)
+    emb, labels = collect_embeddings(model, dataset, range(head.num_classes),
+                                     num_images=len(dataset), per_class=10**12)
+    protos = head.prototypes.detach().cpu()
+    health = prototype_health(protos, nearest_prototype_usage(emb, labels, protos))
+    present = health['pixels'] > 0
+    return {key: float(value[present].mean()) for key, value in health.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--out', required=True, help="camvid_benchmark.py's --out")
+    p.add_argument('--variants', nargs='+', required=True)
+    p.add_argument('--data-root', default=os.environ.get(
+        'MMSEG_PROTO_CAMVID', osp.join(REPO, '..', 'shared', 'data', 'camvid')))
+    args = p.parse_args()
+    rows = ['| variant | seeds | val mIoU | effective prototypes / class | exp-entropy of use '
+            '| mean pairwise cosine |', '|' + '---|' * 6]
+    records = []
+    for variant in args.variants:
+        runs = sorted(glob.glob(osp.join(args.out, 'work', variant.replace(' ', '_') + '_s*')))
+        runs = [r for r in runs if osp.exists(osp.join(r, 'record.json'))]
+        if not runs:
+            continue
+        found = []
+        for run in runs:
+            with open(osp.join(run, 'record.json')) as f:
+                record = json.load(f)
+            record['health'] = health_of_run(run, args.data_root)
+            found.append(record)
+        records += found
+
+        def cell(values, fmt='.2f'):
+            v = np.array(values)
+            return f"{v.mean():{fmt}} ({', '.join(f'{x:{fmt}}' for x in v)})"
+        rows.append(f'| {variant} | {len(found)} | ' + ' | '.join([
+            cell([r['mIoU'] for r in found]),
+            cell([r['health']['effective'] for r in found], '.1f'),
+            cell([r['health']['exp_entropy'] for r in found]),
+            cell([r['health']['cos_mean'] for r in found])]) + ' |')
+    with open(osp.join(args.out, 'prototype_use.json'), 'w') as f:
+        json.dump(records, f, indent=1)
+    print('\n'.join(rows))
+
+
+if __name__ == '__main__':
+    main()
