@@ -38,7 +38,10 @@ setup(
         # requirements/constraints.txt).
         'openmmlab': ['mmsegmentation>=1.2,<1.3', 'mmcv>=2.0.0rc4,<2.2.0',
                       'mmengine>=0.10,<0.11', 'openmim'],
-        'tests': ['pytest', 'matplotlib', 'scikit-learn'],
+        'tests': ['pytest', 'matplotlib', 'scikit-learn', 'onnx', 'onnxruntime',
+                  'onnxscript'],
+        # tools/deployment/pytorch2onnx.py (onnxscript: the dynamo exporter).
+        'deploy': ['onnx', 'onnxruntime', 'onnxscript'],
         # tools/visualization/vis_prototype_similarity.py, tools/visualization/vis_embedding.py
         # (scikit-learn only for --method tsne; the tests install it too).
         'vis': ['matplotlib', 'scikit-learn'],

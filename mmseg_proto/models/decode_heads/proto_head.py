@@ -328,13 +328,18 @@ class ProtoHead(BaseDecodeHead):
             self.num_prototypes, self.num_classes, -1)  # (K, C, D)
         class_scores = F.linear(flat, slabs[0])
         # One (pixels x C) buffer for every slab (no fresh allocation per
-        # slab); autocast does not take out= arguments.
-        reuse = not torch.is_autocast_enabled(emb.device.type)
+        # slab); autocast does not take out= arguments, and exporters
+        # (TorchScript, ONNX, torch.export) take neither out= nor in place.
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
+            or torch.compiler.is_compiling()
+        reuse = not (exporting or torch.is_autocast_enabled(emb.device.type))
         buf = torch.empty_like(class_scores) if reuse else None
         for slab in slabs[1:]:
-            sims = torch.mm(flat, slab.T, out=buf) if reuse else F.linear(
-                flat, slab)
-            torch.maximum(class_scores, sims, out=class_scores)
+            if reuse:
+                torch.maximum(class_scores, torch.mm(flat, slab.T, out=buf),
+                              out=class_scores)
+            else:
+                class_scores = torch.maximum(class_scores, F.linear(flat, slab))
         return class_scores.view(*emb.shape[:-1], -1)
 
     def loss(self, inputs: Sequence[Tensor], batch_data_samples: SampleList,
