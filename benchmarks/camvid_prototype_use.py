@@ -16,6 +16,7 @@ import os
 import os.path as osp
 
 import numpy as np
+import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -39,6 +40,14 @@ def health_of_run(work_dir: str, data_root: str) -> dict:
                                      num_images=len(dataset), per_class=10**12)
     protos = head.prototypes.detach().cpu()
     health = prototype_health(protos, nearest_prototype_usage(emb, labels, protos))
+    # How far the prototypes moved from their random start towards the class's data: the
+    # mean cosine of a class's prototypes with its mean val embedding (about 0 for a random
+    # direction in D dimensions).
+    keep = labels != 255
+    c = head.num_classes
+    sums = torch.zeros(c, emb.shape[1]).index_add_(0, labels[keep], emb[keep].float())
+    centre = torch.nn.functional.normalize(sums, dim=1)
+    health['to_class_mean'] = (protos.float() * centre[:, None]).sum(-1).mean(1).double()
     present = health['pixels'] > 0
     return {key: float(value[present].mean()) for key, value in health.items()}
 
@@ -51,7 +60,7 @@ def main():
         'MMSEG_PROTO_CAMVID', osp.join(REPO, '..', 'shared', 'data', 'camvid')))
     args = p.parse_args()
     rows = ['| variant | seeds | val mIoU | effective prototypes / class | exp-entropy of use '
-            '| mean pairwise cosine |', '|' + '---|' * 6]
+            '| mean pairwise cosine | prototype to class-mean cosine |', '|' + '---|' * 7]
     records = []
     for variant in args.variants:
         runs = sorted(glob.glob(osp.join(args.out, 'work', variant.replace(' ', '_') + '_s*')))
@@ -73,7 +82,8 @@ def main():
             cell([r['mIoU'] for r in found]),
             cell([r['health']['effective'] for r in found], '.1f'),
             cell([r['health']['exp_entropy'] for r in found]),
-            cell([r['health']['cos_mean'] for r in found])]) + ' |')
+            cell([r['health']['cos_mean'] for r in found]),
+            cell([r['health']['to_class_mean'] for r in found])]) + ' |')
     with open(osp.join(args.out, 'prototype_use.json'), 'w') as f:
         json.dump(records, f, indent=1)
     print('\n'.join(rows))
