@@ -160,3 +160,22 @@ def test_reseed_options_are_checked():
         PrototypeUpdateHook(reseed_interval=-1)
     with pytest.raises(ValueError, match='reseed_min_share must be in'):
         PrototypeUpdateHook(reseed_min_share=0)
+
+
+def test_no_reseeding_in_the_last_window():
+    torch.manual_seed(0)
+    head = make_head(num_classes=3, channels=8, num_prototypes=4, momentum=1.0)
+    hook = PrototypeUpdateHook(log_interval=0, reseed_interval=1, reseed_min_share=1.0)
+    runner, param = fake_runner(head, accumulative_counts=1)
+    runner.train_dataloader, runner.max_iters = None, 2
+    hook.before_train(runner)
+    g = torch.Generator().manual_seed(0)
+    for it in range(2):
+        start = head.prototypes.clone()
+        x = [torch.randn(2, 8, 6, 5, generator=g)]
+        losses = head.loss(x, make_samples(torch.randint(0, 3, (2, 6, 5), generator=g)), None)
+        runner.iter = it
+        runner.optim_wrapper.update_params(losses['loss_ce'] + param.sum())
+        hook.after_train_iter(runner, it)
+        moved = ((head.prototypes - start).abs().amax(dim=-1) > 1e-3).sum()
+        assert (moved > 0) == (it == 0)  # re-seeded after iteration 1 of 2, not after 2

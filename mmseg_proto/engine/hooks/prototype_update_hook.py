@@ -62,7 +62,9 @@ class PrototypeUpdateHook(Hook):
     nearest one for fewer than ``reseed_min_share`` of the class's pixels
     (``ProtoHead.reseed_prototypes``; one per class per window, identical on
     every process). Each re-seeding is logged (class and prototype) and
-    counted in ``train/proto_reseeded``. The window restarts on resume.
+    counted in ``train/proto_reseeded``. The window restarts on resume. No
+    re-seeding in the last ``reseed_interval`` iterations of training, so
+    that every re-seeded prototype is trained for at least one window.
 
     Args:
         log_interval (int): Every how many iterations to log the prototype
@@ -178,7 +180,15 @@ class PrototypeUpdateHook(Hook):
         if self.reseed_interval and _optimizer_stepped(runner):
             self._window_updates += 1
             if self._window_updates == self.reseed_interval:
-                self._reseed(runner)
+                max_iters = getattr(runner, 'max_iters', None)
+                if max_iters and max_iters - (runner.iter + 1) < \
+                        self.reseed_interval:
+                    # Last window: a prototype re-seeded now would go into
+                    # the final model untrained.
+                    self._window.clear()
+                    self._window_updates = 0
+                else:
+                    self._reseed(runner)
 
     def _reseed(self, runner) -> None:
         """End of a re-seeding window: sum its usage over processes and
