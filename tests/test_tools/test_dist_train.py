@@ -35,7 +35,9 @@ What makes the two runs comparable (all set in a derived config):
 * SGD with a constant learning rate instead of AdamW with warm-up: Adam's
   first steps are ~lr * sign(grad) and turn float-level gradient
   differences of near-zero gradients into lr-sized weight differences; and
-  ``momentum=0.9`` so that prototypes move visibly within 4 iterations.
+  ``momentum=0.9`` so that prototypes move visibly within 4 iterations;
+  re-seeding every 2 iterations (its statistics are sums: the same on every
+  rank and equal to one process's).
 
 Remaining, accepted difference: the cross-entropy is averaged over all
 pixels (``avg_non_ignore=False``: equal counts per rank, exact under DDP's
@@ -147,7 +149,8 @@ def write_config(tmp_path) -> str:
             checkpoint=dict(interval={ITERS}),
             logger=dict(interval=1))
         custom_hooks = [
-            dict(type='PrototypeUpdateHook', log_interval=1),
+            dict(type='PrototypeUpdateHook', log_interval=1,
+                 reseed_interval=2, reseed_min_share=0.5),
             dict(type='DumpPrototypesHook'),
         ]
         '''))
@@ -224,6 +227,10 @@ def test_two_ranks_match_each_other_and_single_process(tmp_path):
           f'weights: max |ranks - single| {weight_diff:.3e}')
 
     assert moved > 1e-2 and aux_moved > 1e-2  # the prototypes did train
+    # Re-seeding ran (iteration 2) in both runs; the comparisons below include it.
+    for name in ('dist', 'single'):
+        assert 'PrototypeUpdateHook: iteration 2, re-seeded' in (
+            tmp_path / f'{name}.log').read_text(), name
     # Ranks agree exactly: same all-reduced statistics, same update.
     assert rank_diff == 0.0 and aux_rank_diff == 0.0
     for key, value in ranks[0]['state_dict'].items():

@@ -54,11 +54,14 @@ class PrototypeUpdateHook(Hook):
 
     Re-seeding (off by default; ``reseed_interval > 0``): the head also
     counts, every iteration, how often each prototype is the nearest one of
-    its class (the inference rule) and sums the class's worst-served
-    correctly classified embeddings (``ProtoHead.usage_statistics``). Every
+    its class (the inference rule) and sums the class's correctly
+    classified embeddings weighted by their distance to their nearest
+    prototype (``ProtoHead.usage_statistics``). Every
     ``reseed_interval`` prototype updates the hook sums those over the
     window and over processes and, per class, moves the least used
-    prototype onto the normalised mean of those embeddings if it is the
+    prototype onto the normalised mean of the class's correctly classified
+    embeddings weighted by their distance to their nearest prototype
+    (k-means++ style) if it is the
     nearest one for fewer than ``reseed_min_share`` of the class's pixels
     (``ProtoHead.reseed_prototypes``; one per class per window, identical on
     every process). Each re-seeding is logged (class and prototype) and

@@ -489,36 +489,38 @@ class ProtoHead(BaseDecodeHead):
         Returns:
             dict[str, Tensor]: ``nearest`` (C*K,) labelled pixels whose
             nearest own-class prototype it is (the inference rule);
-            ``outlier_sums`` (C, D) / ``outlier_counts`` (C,) sum and number
-            of the correctly classified pixels of each class that are farther
-            from their nearest prototype than the class's mean in the batch
-            (the pixels its prototypes serve worst). fp32 sums, so they can
-            be summed over iterations and processes.
+            ``outlier_sums`` (C, D) / ``outlier_counts`` (C,): the sum of the
+            correctly classified embeddings of each class, each weighted by
+            ``1 - s`` (``s``: its similarity to its nearest own prototype;
+            for unit vectors, half the squared distance), and the sum of
+            those weights: their ratio is the class's mean weighted towards
+            the pixels its prototypes serve worst, as k-means++ seeds. Plain
+            sums, so they add up over iterations and processes: the same
+            result however the batch is split.
         """
         c, k = self.num_classes, self.num_prototypes
         best, nearest_k = own.float().max(dim=1)
         nearest = torch.bincount(buffer_index(labels, nearest_k, k),
                                  minlength=c * k).float()
-        cls, sim = labels[correct], best[correct]
-        num = torch.bincount(cls, minlength=c).float()
-        mean = sim.new_zeros(c).index_add_(0, cls, sim) / num.clamp(min=1)
-        far = sim < mean[cls]
+        cls = labels[correct]
+        weight = (1.0 - best[correct]).clamp(min=0)
         return dict(
             nearest=nearest,
             outlier_sums=correct_emb.new_zeros(c, correct_emb.shape[1])
-            .index_add_(0, cls[far], correct_emb[far]),
-            outlier_counts=torch.bincount(cls[far], minlength=c).float())
+            .index_add_(0, cls, correct_emb * weight[:, None]),
+            outlier_counts=weight.new_zeros(c).index_add_(0, cls, weight))
 
     @torch.no_grad()
     def reseed_prototypes(self, nearest: Tensor, outlier_sums: Tensor,
                           outlier_counts: Tensor,
                           min_share: float) -> List[Tuple[int, int]]:
-        """Move each class's least used prototype onto its outliers.
+        """Move each class's least used prototype onto its worst-served pixels.
 
         For every class whose least used prototype is the nearest one for
         fewer than ``min_share`` of the class's pixels (a dead or duplicate
-        prototype at inference), that prototype becomes the normalised mean
-        of the class's outliers (:meth:`usage_statistics`); one prototype per
+        prototype at inference), that prototype becomes the normalised
+        distance-weighted mean of the class's correctly classified
+        embeddings (:meth:`usage_statistics`); one prototype per
         class per call, the others stay bit-identical. Deterministic: the
         same statistics give the same prototypes on every process.
 
