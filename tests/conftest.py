@@ -24,6 +24,30 @@ from mmengine.registry import init_default_scope  # noqa: E402
 init_default_scope('mmseg')
 
 
+def train_camvid_protoseg(work_dir, iters, crop=64, batch_size=1, seed=None):
+    """Train the shipped CamVid ProtoSeg config for ``iters`` iterations on ``crop`` x ``crop``
+    crops of the bundled images; returns (checkpoint path, the runner's model)."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    cfg = Config.fromfile(PROTO_CFG)
+    cfg.work_dir = str(work_dir)
+    cfg.train_cfg.max_iters = iters
+    cfg.train_cfg.val_interval = 10 * iters
+    cfg.default_hooks.checkpoint.interval = iters
+    cfg.default_hooks.logger.interval = iters
+    cfg.model.data_preprocessor.size = (crop, crop)
+    cfg.train_dataloader.batch_size = batch_size
+    for t in cfg.train_dataloader.dataset.pipeline:
+        if t['type'] == 'RandomCrop':
+            t['crop_size'] = (crop, crop)
+    if seed is not None:
+        cfg.randomness = dict(seed=seed)
+        cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return osp.join(str(work_dir), f'iter_{iters}.pth'), runner.model
+
+
 def make_head(num_classes=4, channels=8, num_prototypes=3, **kwargs):
     """A ProtoHead on an FCNHead decoder that passes features through."""
     import mmseg_proto  # noqa: F401

@@ -6,9 +6,7 @@ import os.path as osp
 import numpy as np
 import pytest
 import torch
-from conftest import CAMVID_MINI, PROTO_CFG
-from mmengine.config import Config
-from mmengine.runner import Runner
+from conftest import CAMVID_MINI, PROTO_CFG, train_camvid_protoseg
 
 VAL_DIR = osp.join(CAMVID_MINI, 'img_dir', 'val')
 
@@ -16,20 +14,8 @@ VAL_DIR = osp.join(CAMVID_MINI, 'img_dir', 'val')
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     """A ProtoSeg checkpoint from 2 iterations of the shipped CamVid config."""
-    work = tmp_path_factory.mktemp('inference')
-    cfg = Config.fromfile(PROTO_CFG)
-    cfg.work_dir = str(work)
-    cfg.train_cfg.max_iters = 2
-    cfg.train_cfg.val_interval = 100
-    cfg.default_hooks.checkpoint.interval = 2
-    cfg.model.data_preprocessor.size = (64, 64)
-    cfg.train_dataloader.batch_size = 1
-    for t in cfg.train_dataloader.dataset.pipeline:
-        if t['type'] == 'RandomCrop':
-            t['crop_size'] = (64, 64)
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    return str(work / 'iter_2.pth'), runner.model.decode_head.prototypes.clone()
+    ckpt, model = train_camvid_protoseg(tmp_path_factory.mktemp('inference'), iters=2)
+    return ckpt, model.decode_head.prototypes.clone()
 
 
 def test_init_model_and_inference_model(checkpoint):

@@ -8,9 +8,7 @@ import os.path as osp
 import mmcv
 import numpy as np
 import pytest
-from conftest import CAMVID_MINI, PROTO_CFG, REPO
-from mmengine.config import Config
-from mmengine.runner import Runner
+from conftest import CAMVID_MINI, PROTO_CFG, REPO, train_camvid_protoseg
 
 onnx = pytest.importorskip('onnx')  # test extras; CI installs them
 VAL_IMAGES = sorted(glob.glob(osp.join(CAMVID_MINI, 'img_dir', 'val', '*.jpg')))[:2]
@@ -28,19 +26,7 @@ def tool():
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     """ProtoSeg after 3 iterations of the shipped CamVid config (K = 10, 11 classes)."""
-    work = tmp_path_factory.mktemp('onnx')
-    cfg = Config.fromfile(PROTO_CFG)
-    cfg.work_dir = str(work)
-    cfg.train_cfg.max_iters = 3
-    cfg.train_cfg.val_interval = 100
-    cfg.default_hooks.checkpoint.interval = 3
-    cfg.model.data_preprocessor.size = (64, 64)
-    cfg.train_dataloader.batch_size = 1
-    for t in cfg.train_dataloader.dataset.pipeline:
-        if t['type'] == 'RandomCrop':
-            t['crop_size'] = (64, 64)
-    Runner.from_cfg(cfg).train()
-    return str(work / 'iter_3.pth')
+    return train_camvid_protoseg(tmp_path_factory.mktemp('onnx'), iters=3)[0]
 
 
 def dims_of_graph(path):

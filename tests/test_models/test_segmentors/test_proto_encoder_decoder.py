@@ -8,9 +8,8 @@ import mmcv
 import numpy as np
 import pytest
 import torch
-from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG
+from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, train_camvid_protoseg
 from mmengine.config import Config
-from mmengine.runner import Runner
 
 VAL_IMAGES = sorted(glob.glob(osp.join(CAMVID_MINI, 'img_dir', 'val', '*.jpg')))
 ANOMALY = {'model.type': 'ProtoEncoderDecoder', 'model.anomaly_map': True}
@@ -20,22 +19,8 @@ TRAIN_ITERS = 60
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     """ProtoSeg trained briefly (60 iterations, 96x96 crops) on the bundled CamVid images."""
-    work = tmp_path_factory.mktemp('anomaly')
-    cfg = Config.fromfile(PROTO_CFG)
-    cfg.work_dir = str(work)
-    cfg.train_cfg.max_iters = TRAIN_ITERS
-    cfg.train_cfg.val_interval = 10 * TRAIN_ITERS
-    cfg.default_hooks.checkpoint.interval = TRAIN_ITERS
-    cfg.default_hooks.logger.interval = TRAIN_ITERS
-    cfg.model.data_preprocessor.size = (96, 96)
-    cfg.train_dataloader.batch_size = 2
-    cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False)]
-    for t in cfg.train_dataloader.dataset.pipeline:
-        if t['type'] == 'RandomCrop':
-            t['crop_size'] = (96, 96)
-    cfg.randomness = dict(seed=0)
-    Runner.from_cfg(cfg).train()
-    return str(work / f'iter_{TRAIN_ITERS}.pth')
+    return train_camvid_protoseg(tmp_path_factory.mktemp('anomaly'), iters=TRAIN_ITERS, crop=96,
+                                 batch_size=2, seed=0)[0]
 
 
 def init(checkpoint, **options):
