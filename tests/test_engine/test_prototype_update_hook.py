@@ -124,7 +124,7 @@ def test_usage_statistics_count_nearest_prototypes_and_weigh_by_distance():
     assert usage['nearest'].tolist() == [2., 1., 1., 0.]  # class 0: #0 twice, #1 once
     # Weights 1 - best similarity: 0.1, 0.25, 0.5; class 1 has no correct pixel.
     torch.testing.assert_close(usage['outlier_sums'], torch.tensor([[0.6, 2.0], [0., 0.]]))
-    torch.testing.assert_close(usage['outlier_counts'], torch.tensor([0.85, 0.]))
+    torch.testing.assert_close(usage['outlier_weights'], torch.tensor([0.85, 0.]))
     # Sums: two halves of the batch add up to the whole (split-independent).
     halves = [head.usage_statistics(labels[i], own[i], correct[i], emb[j])
               for i, j in ((slice(0, 2), slice(0, 2)), (slice(2, 4), slice(2, 3)))]

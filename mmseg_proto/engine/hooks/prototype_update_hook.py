@@ -205,7 +205,7 @@ class PrototypeUpdateHook(Hook):
                     all_reduce(value, op='sum')
             reseeded = head.reseed_prototypes(
                 window['nearest'], window['outlier_sums'],
-                window['outlier_counts'], self.reseed_min_share)
+                window['outlier_weights'], self.reseed_min_share)
             tag = 'train/proto' if i == 0 else f'train/proto{i}'
             runner.message_hub.update_scalar(f'{tag}_reseeded',
                                              float(len(reseeded)))

@@ -472,8 +472,7 @@ class ProtoHead(BaseDecodeHead):
             entropy_sum=t.new_zeros(c).index_add_(0, labels, ent),
             pixels=torch.bincount(labels, minlength=c).float(),
             assigned=torch.bincount(targets, minlength=c * k).float(),
-            nearest=torch.bincount(buffer_index(labels, own.argmax(dim=1), k),
-                                   minlength=c * k).float())
+            nearest=self._nearest_counts(labels, own.argmax(dim=1)))
 
     @torch.no_grad()
     def usage_statistics(self, labels: Tensor, own: Tensor, correct: Tensor,
@@ -489,7 +488,7 @@ class ProtoHead(BaseDecodeHead):
         Returns:
             dict[str, Tensor]: ``nearest`` (C*K,) labelled pixels whose
             nearest own-class prototype it is (the inference rule);
-            ``outlier_sums`` (C, D) / ``outlier_counts`` (C,): the sum of the
+            ``outlier_sums`` (C, D) / ``outlier_weights`` (C,): the sum of the
             correctly classified embeddings of each class, each weighted by
             ``1 - s`` (``s``: its similarity to its nearest own prototype;
             for unit vectors, half the squared distance), and the sum of
@@ -498,21 +497,26 @@ class ProtoHead(BaseDecodeHead):
             sums, so they add up over iterations and processes: the same
             result however the batch is split.
         """
-        c, k = self.num_classes, self.num_prototypes
+        c = self.num_classes
         best, nearest_k = own.float().max(dim=1)
-        nearest = torch.bincount(buffer_index(labels, nearest_k, k),
-                                 minlength=c * k).float()
+        nearest = self._nearest_counts(labels, nearest_k)
         cls = labels[correct]
         weight = (1.0 - best[correct]).clamp(min=0)
         return dict(
             nearest=nearest,
             outlier_sums=correct_emb.new_zeros(c, correct_emb.shape[1])
             .index_add_(0, cls, correct_emb * weight[:, None]),
-            outlier_counts=weight.new_zeros(c).index_add_(0, cls, weight))
+            outlier_weights=weight.new_zeros(c).index_add_(0, cls, weight))
+
+    def _nearest_counts(self, labels: Tensor, nearest_k: Tensor) -> Tensor:
+        """(C*K,) fp32: pixels whose nearest own-class prototype each is."""
+        c, k = self.num_classes, self.num_prototypes
+        return torch.bincount(buffer_index(labels, nearest_k, k),
+                              minlength=c * k).float()
 
     @torch.no_grad()
     def reseed_prototypes(self, nearest: Tensor, outlier_sums: Tensor,
-                          outlier_counts: Tensor,
+                          outlier_weights: Tensor,
                           min_share: float) -> List[Tuple[int, int]]:
         """Move each class's least used prototype onto its worst-served pixels.
 
@@ -531,14 +535,11 @@ class ProtoHead(BaseDecodeHead):
         usage = nearest.view(c, k)
         pixels = usage.sum(dim=1)
         least, which = (usage / pixels.clamp(min=1)[:, None]).min(dim=1)
-        chosen = (pixels > 0) & (outlier_counts > 0) & (least < min_share)
-        reseeded = []
-        for cls in torch.nonzero(chosen).flatten().tolist():
-            proto = int(which[cls])
-            self.prototypes[cls, proto] = F.normalize(
-                outlier_sums[cls].to(self.prototypes.dtype), dim=0)
-            reseeded.append((cls, proto))
-        return reseeded
+        chosen = (pixels > 0) & (outlier_weights > 0) & (least < min_share)
+        classes = torch.nonzero(chosen).flatten()
+        self.prototypes[classes, which[classes]] = F.normalize(
+            outlier_sums[classes].to(self.prototypes.dtype), dim=1)
+        return list(zip(classes.tolist(), which[classes].tolist()))
 
     def take_statistics(self) -> Optional[PrototypeStatistics]:
         """Take the :class:`PrototypeStatistics` of the last ``loss`` call

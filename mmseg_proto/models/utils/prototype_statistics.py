@@ -27,7 +27,7 @@ class PrototypeStatistics:
         usage (dict[str, Tensor], optional): What re-seeding needs
             (``ProtoHead.usage_statistics``), every iteration while the hook
             re-seeds: ``nearest`` (C*K,), ``outlier_sums`` (C, D),
-            ``outlier_counts`` (C,), all fp32 sums.
+            ``outlier_weights`` (C,), all fp32 sums.
     """
 
     sums: Tensor
