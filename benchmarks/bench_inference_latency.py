@@ -55,12 +55,18 @@ def build(backbone: str, k: int):
     return MODELS.build(cfg.model).eval()
 
 
-def median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int, device=torch.device('cpu')) -> float:
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -76,12 +82,19 @@ def main():
     p.add_argument('--backbones', nargs='+', default=['b0', 'b2'])
     p.add_argument('--size', type=int, default=512)
     p.add_argument('--repeats', type=int, default=10)
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     args = p.parse_args()
     import onnxruntime as ort
     init_default_scope('mmseg')
     tool = exporter_tool()
+    device = torch.device(args.device)
+    provider = 'CUDAExecutionProvider' if device.type == 'cuda' else 'CPUExecutionProvider'
+    use_ort = provider in ort.get_available_providers()
     image = torch.rand(1, 3, args.size, args.size) * 255
-    print(f'CPU, {torch.get_num_threads()} threads, onnxruntime {ort.__version__}, '
+    where = (torch.cuda.get_device_name(device) if device.type == 'cuda' else
+             f'CPU, {torch.get_num_threads()} threads')
+    print(f'{where}, torch {torch.__version__}, onnxruntime {ort.__version__} '
+          f'({provider if use_ort else provider + " not available"}), '
           f'{args.size}x{args.size}, 150 classes, median of {args.repeats}')
     rows = []
     for backbone in args.backbones:
@@ -91,19 +104,27 @@ def main():
             segmentor = build(backbone, k)
             module = tool.SegmentorForExport(segmentor).eval()
             with torch.no_grad():
-                t_torch = median_time(lambda: module(image), args.repeats)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = osp.join(tmp, 'model.onnx')
-                tool.export(module, path, (args.size, args.size), False, 'torchscript')
-                session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
-                feed = {'image': image.numpy().astype(np.float32)}
-                t_ort = median_time(lambda: session.run(None, feed), args.repeats)
+                module.to(device)
+                on_device = image.to(device)
+                t_torch = median_time(lambda: module(on_device), args.repeats, device)
+                module.cpu()
+            t_ort = float('nan')
+            if use_ort:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = osp.join(tmp, 'model.onnx')
+                    tool.export(module, path, (args.size, args.size), False, 'torchscript')
+                    session = ort.InferenceSession(path, providers=[provider])
+                    feed = {'image': image.numpy().astype(np.float32)}
+                    t_ort = median_time(lambda: session.run(None, feed), args.repeats)
             times[name] = (t_torch, t_ort, gflops(segmentor, image / 255))
         base = times['parametric']
         for name, (t_torch, t_ort, fl) in times.items():
-            rows.append(f'| MiT-{backbone.upper()} | {name} | {1e3 * t_torch:.0f} | '
-                        f'{1e3 * t_ort:.0f} | {t_torch / base[0]:.2f} | {t_ort / base[1]:.2f} | '
-                        f'{fl:.1f} | {fl / base[2]:.3f} |')
+            ort_cells = (f'{1e3 * t_ort:.0f} | {t_ort / base[1]:.2f}' if use_ort else
+                         'n/a | n/a')
+            digits = 0 if device.type == 'cpu' else 1
+            ms, ort_ms, ort_ratio = (f'{1e3 * t_torch:.{digits}f}', *ort_cells.split(' | '))
+            rows.append(f'| MiT-{backbone.upper()} | {name} | {ms} | {ort_ms} | '
+                        f'{t_torch / base[0]:.2f} | {ort_ratio} | {fl:.1f} | {fl / base[2]:.3f} |')
     print('\n| backbone | model | PyTorch (ms) | ONNX Runtime (ms) | PyTorch ratio | '
           'ORT ratio | GFLOPs | FLOP ratio |')
     print('|' + '---|' * 8)

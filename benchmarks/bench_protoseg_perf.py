@@ -265,7 +265,9 @@ def main():
                   {**os.environ, **CACHED_MALLOC})
     init_default_scope('mmseg')
     device = torch.device(args.device)
-    print(f'device: {device} ({torch.get_num_threads()} threads), SegFormer '
+    where = (torch.cuda.get_device_name(device) if device.type == 'cuda' else
+             f'{device} ({torch.get_num_threads()} threads)')
+    print(f'device: {where}, torch {torch.__version__}, SegFormer '
           f'MiT-B2, 150 classes, K={args.k}, batch {args.batch}, '
           f'{args.size}x{args.size}, allocator {args.allocator}, median of '
           f'{args.repeats} training steps / {args.infer_repeats} inferences')
