@@ -1,5 +1,8 @@
 """MMSeg's ``tools/test.py``, with mmseg_proto imported before the config is parsed.
 
+Configs may inherit ours from an installed mmseg_proto through ``mmseg_proto::``
+(:mod:`mmseg_proto.utils.config_scope`).
+
 MMSeg's own tool parses a config (and resolves its ``mmseg::`` bases) before the config's
 ``custom_imports`` run. With OpenMMLab's ``mmsegmentation`` that is fine; with the OneDL line
 (``onedl-mmsegmentation``) mmengine cannot resolve ``mmseg::`` unless mmseg_proto has been
@@ -14,11 +17,13 @@ import runpy
 import mmseg
 
 import mmseg_proto  # noqa: F401
+from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
 
 
 def main() -> None:
-    runpy.run_path(osp.join(osp.dirname(mmseg.__file__), '.mim', 'tools', 'test.py'),
-                   run_name='__main__')
+    with mmseg_proto_config_scope():
+        runpy.run_path(osp.join(osp.dirname(mmseg.__file__), '.mim', 'tools', 'test.py'),
+                       run_name='__main__')
 
 
 if __name__ == '__main__':

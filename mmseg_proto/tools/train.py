@@ -35,6 +35,8 @@ import torch.distributed as torch_dist
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
+from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
+
 #: Norm layer types that need a CUDA process group.
 SYNC_NORMS = ('SyncBN', 'MMSyncBN')
 
@@ -221,11 +223,15 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Train from the command line.
 
+    Configs may inherit ours from an installed mmseg_proto through ``mmseg_proto::``
+    (:mod:`mmseg_proto.utils.config_scope`).
+
     Args:
         argv (Sequence[str], optional): Arguments; ``sys.argv[1:]`` if None.
     """
     args = parse_args(argv)
-    cfg = build_config(args)
+    with mmseg_proto_config_scope():
+        cfg = build_config(args)
 
     from mmengine.runner import Runner
     from mmseg.registry import RUNNERS

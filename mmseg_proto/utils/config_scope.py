@@ -1,0 +1,37 @@
+"""Let mmengine resolve ``mmseg_proto::`` config paths, inside our tools only.
+
+mmengine 0.10 resolves ``_base_ = ['pkg::path/to/config.py']`` only for the packages of its
+own table (``mmengine.config.utils.MODULE2PACKAGE``: mmseg, mmdet, ...); any other scope fails
+with ``AssertionError: mmengine does not support to load pkg config.`` It then reads the
+config from ``<installed package>/.mim/configs/path/to/config.py``, where a non-editable
+install of mmseg_proto puts our ``configs/`` (setup.py). The entry is added only while one of
+our tools parses and runs a config (``python -m mmseg_proto.tools.train``/``test``, or
+``mim train mmseg_proto``/``mim test mmseg_proto``, which run them) and removed afterwards:
+importing mmseg_proto does not change mmengine's table, and MMSeg's own tools parse a config
+before its ``custom_imports`` run, so through them ``mmseg_proto::`` cannot work
+(docs/deployment.md, "Configs from an installed package").
+"""
+from contextlib import contextmanager
+from typing import Iterator
+
+#: The scope users write before ``::`` and the distribution that provides it.
+SCOPE = 'mmseg_proto'
+DISTRIBUTION = 'mmseg_proto'
+
+
+@contextmanager
+def mmseg_proto_config_scope() -> Iterator[None]:
+    """Inside the block, mmengine resolves ``mmseg_proto::`` to the installed package.
+
+    Leaves an entry that is already there untouched; removes only what it added.
+    """
+    from mmengine.config import utils as config_utils
+    table = config_utils.MODULE2PACKAGE
+    added = SCOPE not in table
+    if added:
+        table[SCOPE] = DISTRIBUTION
+    try:
+        yield
+    finally:
+        if added:
+            table.pop(SCOPE, None)
