@@ -53,8 +53,9 @@ def installed(tmp_path_factory):
     python = str(venv / 'bin' / 'python')
     site = run([python, '-c', "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                cwd=root, env=env).stdout.strip()
+    paths = dict.fromkeys(sysconfig.get_paths()[k] for k in ('purelib', 'platlib'))
     with open(osp.join(site, 'project_dependencies.pth'), 'w') as f:
-        f.write(sysconfig.get_paths()['purelib'] + '\n')
+        f.write(''.join(p + '\n' for p in paths))
     run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-index', '--target',
          site, str(wheel)], cwd=root, env=env)
     work = root / 'user'
