@@ -115,18 +115,18 @@ def test_reseed_moves_the_least_used_prototype_onto_the_outliers_only():
 
 
 def test_usage_statistics_count_nearest_prototypes_and_weigh_by_distance():
-    head = make_head(num_classes=2, channels=2, num_prototypes=2)
+    from mmseg_proto.models.utils.prototype_statistics import usage_statistics
     labels = torch.tensor([0, 0, 0, 1])
     own = torch.tensor([[0.9, 0.1], [0.75, 0.25], [0.25, 0.5], [0.5, 0.4]])
     correct = torch.tensor([True, True, True, False])
     emb = torch.tensor([[1., 0.], [2., 0.], [0., 4.]])
-    usage = head.usage_statistics(labels, own, correct, emb)
+    usage = usage_statistics(labels, own, correct, emb, 2, 2)
     assert usage['nearest'].tolist() == [2., 1., 1., 0.]  # class 0: #0 twice, #1 once
     # Weights 1 - best similarity: 0.1, 0.25, 0.5; class 1 has no correct pixel.
     torch.testing.assert_close(usage['outlier_sums'], torch.tensor([[0.6, 2.0], [0., 0.]]))
     torch.testing.assert_close(usage['outlier_weights'], torch.tensor([0.85, 0.]))
     # Sums: two halves of the batch add up to the whole (split-independent).
-    halves = [head.usage_statistics(labels[i], own[i], correct[i], emb[j])
+    halves = [usage_statistics(labels[i], own[i], correct[i], emb[j], 2, 2)
               for i, j in ((slice(0, 2), slice(0, 2)), (slice(2, 4), slice(2, 3)))]
     for key in usage:
         torch.testing.assert_close(halves[0][key] + halves[1][key], usage[key])

@@ -56,7 +56,7 @@ class PrototypeUpdateHook(Hook):
     counts, every iteration, how often each prototype is the nearest one of
     its class (the inference rule) and sums the class's correctly
     classified embeddings weighted by their distance to their nearest
-    prototype (``ProtoHead.usage_statistics``). Every
+    prototype (``prototype_statistics.usage_statistics``). Every
     ``reseed_interval`` prototype updates the hook sums those over the
     window and over processes and, per class, moves the least used
     prototype onto the normalised mean of the class's correctly classified

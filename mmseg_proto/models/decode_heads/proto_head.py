@@ -1,6 +1,5 @@
 """ProtoSeg decode head: nonparametric prototypes on top of any decoder."""
 import copy
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -15,14 +14,16 @@ from torch import Tensor
 
 from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
 from ..utils.l2_normalize import l2_normalize
+from ..utils.proto_head_options import check_decoder, check_options
 from ..utils.prototype_index import (buffer_index, prototype_matrix,
                                      similarity_column)
-from ..utils.prototype_distance import DISTANCES, similarity_from_cosine
+from ..utils.prototype_distance import similarity_from_cosine
 from ..utils.prototype_scores import SCORE_PATHS, EagerScores, StreamedScores
-from ..utils.prototype_statistics import PrototypeStatistics
+from ..utils.prototype_statistics import (PrototypeStatistics,
+                                          assignment_statistics,
+                                          usage_statistics)
 from ..utils.sinkhorn import sinkhorn_knopp
 
-PROJECTIONS = ('none', 'linear', 'mlp')
 HOOK_HINT = ("add the prototype update hook to the config: "
              "custom_hooks = [dict(type='PrototypeUpdateHook')]")
 
@@ -134,16 +135,16 @@ class ProtoHead(BaseDecodeHead):
                           loss_weight=0.001)),
                  init_cfg: Optional[ConfigType] = None,
                  **kwargs) -> None:
-        _check_options(num_classes=num_classes, embed_dims=embed_dims,
-                       projection=projection, num_prototypes=num_prototypes,
-                       momentum=momentum, sinkhorn_epsilon=sinkhorn_epsilon,
-                       sinkhorn_iters=sinkhorn_iters, sync_sinkhorn=sync_sinkhorn,
-                       fused_losses=fused_losses,
-                       similarity_chunk=similarity_chunk,
-                       distance=distance, huber_delta=huber_delta,
-                       reference_width_norm=reference_width_norm,
-                       load_prototypes=load_prototypes)
-        decoder = copy.deepcopy(dict(_check_decoder(decoder)))
+        check_options(num_classes=num_classes, embed_dims=embed_dims,
+                      projection=projection, num_prototypes=num_prototypes,
+                      momentum=momentum, sinkhorn_epsilon=sinkhorn_epsilon,
+                      sinkhorn_iters=sinkhorn_iters, sync_sinkhorn=sync_sinkhorn,
+                      fused_losses=fused_losses,
+                      similarity_chunk=similarity_chunk,
+                      distance=distance, huber_delta=huber_delta,
+                      reference_width_norm=reference_width_norm,
+                      load_prototypes=load_prototypes)
+        decoder = copy.deepcopy(dict(check_decoder(decoder)))
         decoder['num_classes'] = num_classes
         decoder.pop('loss_decode', None)
         decoder_module = MODELS.build(decoder)
@@ -424,10 +425,10 @@ class ProtoHead(BaseDecodeHead):
         # rank, after its all-reduce); no host sync.
         sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
         counts = torch.bincount(hit, minlength=c * k).to(emb.dtype)
-        assignments = self.assignment_statistics(
-            labels_v, proto_index, transport, own) \
+        assignments = assignment_statistics(
+            labels_v, proto_index, transport, own, c, k) \
             if self.collect_assignments else None
-        usage = self.usage_statistics(labels_v, own, correct, emb) \
+        usage = usage_statistics(labels_v, own, correct, emb, c, k) \
             if self.collect_usage else None
         return PrototypeStatistics(sums, counts, assignments, usage)
 
@@ -444,77 +445,6 @@ class ProtoHead(BaseDecodeHead):
                 "pipeline, or set the head's num_classes/ignore_index")
 
     @torch.no_grad()
-    def assignment_statistics(self, labels: Tensor, targets: Tensor,
-                              transport: Tensor, own: Tensor
-                              ) -> Dict[str, Tensor]:
-        """Detached Sinkhorn diagnostics of one batch (for logging only).
-
-        Args:
-            labels (Tensor): (N,) class of each labelled pixel.
-            targets (Tensor): (N,) assigned prototype index ``c * K + k``.
-            transport (Tensor): (N, K) soft assignment, rows summing to 1.
-            own (Tensor): (N, K) similarities to the class's prototypes.
-
-        Returns:
-            dict[str, Tensor]: ``entropy_sum`` (C,) per-class sum over pixels
-            of the soft-assignment entropy divided by ``log K`` (0: one-hot,
-            1: uniform over the K prototypes), ``pixels`` (C,) labelled pixels
-            per class, ``assigned`` (C*K,) pixels assigned per prototype and
-            ``nearest`` (C*K,) pixels whose nearest own-class prototype it is
-            (the inference rule; see :mod:`mmseg_proto.evaluation`).
-            All fp32 sums, so they can be all-reduced across processes.
-        """
-        c, k = self.num_classes, self.num_prototypes
-        t = transport.float()
-        ent = -(t * torch.log(t.clamp(min=1e-12))).sum(dim=1)
-        ent = ent / math.log(k) if k > 1 else torch.zeros_like(ent)
-        return dict(
-            entropy_sum=t.new_zeros(c).index_add_(0, labels, ent),
-            pixels=torch.bincount(labels, minlength=c).float(),
-            assigned=torch.bincount(targets, minlength=c * k).float(),
-            nearest=self._nearest_counts(labels, own.argmax(dim=1)))
-
-    @torch.no_grad()
-    def usage_statistics(self, labels: Tensor, own: Tensor, correct: Tensor,
-                         correct_emb: Tensor) -> Dict[str, Tensor]:
-        """What re-seeding unused prototypes needs from one batch.
-
-        Args:
-            labels (Tensor): (N,) class of each labelled pixel.
-            own (Tensor): (N, K) similarities to the class's prototypes.
-            correct (Tensor): (N,) bool, correctly classified.
-            correct_emb (Tensor): (M, D) fp32 embeddings of the correct ones.
-
-        Returns:
-            dict[str, Tensor]: ``nearest`` (C*K,) labelled pixels whose
-            nearest own-class prototype it is (the inference rule);
-            ``outlier_sums`` (C, D) / ``outlier_weights`` (C,): the sum of the
-            correctly classified embeddings of each class, each weighted by
-            ``1 - s`` (``s``: its similarity to its nearest own prototype;
-            for unit vectors, half the squared distance), and the sum of
-            those weights: their ratio is the class's mean weighted towards
-            the pixels its prototypes serve worst, as k-means++ seeds. Plain
-            sums, so they add up over iterations and processes: the same
-            result however the batch is split.
-        """
-        c = self.num_classes
-        best, nearest_k = own.float().max(dim=1)
-        nearest = self._nearest_counts(labels, nearest_k)
-        cls = labels[correct]
-        weight = (1.0 - best[correct]).clamp(min=0)
-        return dict(
-            nearest=nearest,
-            outlier_sums=correct_emb.new_zeros(c, correct_emb.shape[1])
-            .index_add_(0, cls, correct_emb * weight[:, None]),
-            outlier_weights=weight.new_zeros(c).index_add_(0, cls, weight))
-
-    def _nearest_counts(self, labels: Tensor, nearest_k: Tensor) -> Tensor:
-        """(C*K,) fp32: pixels whose nearest own-class prototype each is."""
-        c, k = self.num_classes, self.num_prototypes
-        return torch.bincount(buffer_index(labels, nearest_k, k),
-                              minlength=c * k).float()
-
-    @torch.no_grad()
     def reseed_prototypes(self, nearest: Tensor, outlier_sums: Tensor,
                           outlier_weights: Tensor,
                           min_share: float) -> List[Tuple[int, int]]:
@@ -524,7 +454,7 @@ class ProtoHead(BaseDecodeHead):
         fewer than ``min_share`` of the class's pixels (a dead or duplicate
         prototype at inference), that prototype becomes the normalised
         distance-weighted mean of the class's correctly classified
-        embeddings (:meth:`usage_statistics`); one prototype per
+        embeddings (:func:`~mmseg_proto.models.utils.prototype_statistics.usage_statistics`); one prototype per
         class per call, the others stay bit-identical. Deterministic: the
         same statistics give the same prototypes on every process.
 
@@ -600,68 +530,3 @@ class ProtoHead(BaseDecodeHead):
                 'prototypes start fresh and everything else loads')
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# option -> (check, what it must be)
-OPTION_RULES = {
-    'num_classes': (lambda v: _is_int(v) and v >= 2,
-                    'an integer >= 2; the class scores go through a LayerNorm '
-                    'over classes, constant for one class: for binary '
-                    'segmentation use num_classes=2 (background, foreground)'),
-    'embed_dims': (lambda v: v is None or (_is_int(v) and v >= 1),
-                   "None (the decoder's channels) or an integer >= 1"),
-    'projection': (lambda v: v in PROJECTIONS, f'one of {PROJECTIONS}'),
-    'num_prototypes': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    'momentum': (lambda v: _is_real(v) and 0.0 <= v <= 1.0,
-                 'a number in [0, 1]'),
-    'sinkhorn_epsilon': (lambda v: _is_real(v) and v > 0, 'a number > 0'),
-    'sinkhorn_iters': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    'sync_sinkhorn': (lambda v: isinstance(v, bool), 'True or False'),
-    'fused_losses': (lambda v: isinstance(v, bool), 'True or False'),
-    'similarity_chunk': (lambda v: v is None or (_is_int(v) and v >= 1),
-                         'None or an integer >= 1'),
-    'distance': (lambda v: v in DISTANCES, f'one of {DISTANCES}'),
-    'huber_delta': (lambda v: _is_real(v) and v > 0, 'a number > 0'),
-    'reference_width_norm': (lambda v: isinstance(v, bool), 'True or False'),
-    'load_prototypes': (lambda v: isinstance(v, bool), 'True or False'),
-}
-
-
-def _check_options(**options) -> None:
-    """Validate ProtoHead options, naming every config key at fault."""
-    problems = [f'{key}={value!r} (must be {OPTION_RULES[key][1]})'
-                for key, value in options.items()
-                if not OPTION_RULES[key][0](value)]
-    if problems:
-        raise ValueError('ProtoHead: invalid ' + '; '.join(problems))
-
-
-def _check_decoder(decoder) -> dict:
-    """The decoder config, if it names a registered MMSeg decode head."""
-    if not isinstance(decoder, dict) or 'type' not in decoder:
-        raise TypeError('ProtoHead: `decoder` must be the config dict of '
-                        "an MMSeg decode head, e.g. dict(type="
-                        f"'SegformerHead', ...), got {decoder!r}")
-    cls = decoder['type']
-    if isinstance(cls, str):
-        cls = MODELS.get(cls)
-        if cls is None:
-            raise KeyError(f"ProtoHead: unknown decoder type "
-                           f"'{decoder['type']}': use a decode head "
-                           'registered in mmseg.registry.MODELS, e.g. '
-                           'FCNHead, SegformerHead, UPerHead')
-    if not (isinstance(cls, type) and issubclass(cls, BaseDecodeHead)):
-        raise TypeError(
-            f"ProtoHead: decoder type {decoder['type']!r} is not an MMSeg "
-            'decode head. A decoder must be a BaseDecodeHead subclass (it has '
-            '`channels` and ends in the 1x1 classifier `conv_seg`, whose '
-            'input features become the embedding), e.g. FCNHead, '
-            'SegformerHead, UPerHead, PSPHead, ASPPHead')
-    return decoder

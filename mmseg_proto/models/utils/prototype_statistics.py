@@ -1,8 +1,13 @@
-"""What a ProtoHead's training step hands to PrototypeUpdateHook."""
+"""What a ProtoHead's training step hands to PrototypeUpdateHook, and the per-batch
+diagnostics (Sinkhorn assignments, prototype use) it may add."""
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+import torch
 from torch import Tensor
+
+from .prototype_index import buffer_index
 
 
 @dataclass
@@ -22,10 +27,10 @@ class PrototypeStatistics:
             batch had non-finite embeddings (the hook then skips the update).
         counts (Tensor): (C*K,) their numbers.
         assignments (dict[str, Tensor], optional): Sinkhorn diagnostics
-            (``ProtoHead.assignment_statistics``), only on the iterations
+            (:func:`assignment_statistics`), only on the iterations
             the hook logs.
         usage (dict[str, Tensor], optional): What re-seeding needs
-            (``ProtoHead.usage_statistics``), every iteration while the hook
+            (:func:`usage_statistics`), every iteration while the hook
             re-seeds: ``nearest`` (C*K,), ``outlier_sums`` (C, D),
             ``outlier_weights`` (C,), all fp32 sums.
     """
@@ -46,3 +51,79 @@ class PrototypeStatistics:
                                    self.counts + other.counts,
                                    other.assignments or self.assignments,
                                    usage)
+
+
+def nearest_counts(labels: Tensor, nearest_k: Tensor, num_classes: int,
+                   num_prototypes: int) -> Tensor:
+    """(C*K,) fp32: pixels whose nearest own-class prototype each is."""
+    return torch.bincount(buffer_index(labels, nearest_k, num_prototypes),
+                          minlength=num_classes * num_prototypes).float()
+
+
+@torch.no_grad()
+def assignment_statistics(labels: Tensor, targets: Tensor, transport: Tensor, own: Tensor,
+                          num_classes: int, num_prototypes: int) -> Dict[str, Tensor]:
+    """Detached Sinkhorn diagnostics of one batch (for logging only).
+
+    Args:
+        labels (Tensor): (N,) class of each labelled pixel.
+        targets (Tensor): (N,) assigned prototype index ``c * K + k``.
+        transport (Tensor): (N, K) soft assignment, rows summing to 1.
+        own (Tensor): (N, K) similarities to the class's prototypes.
+        num_classes (int): C.
+        num_prototypes (int): K.
+
+    Returns:
+        dict[str, Tensor]: ``entropy_sum`` (C,) per-class sum over pixels
+        of the soft-assignment entropy divided by ``log K`` (0: one-hot,
+        1: uniform over the K prototypes), ``pixels`` (C,) labelled pixels
+        per class, ``assigned`` (C*K,) pixels assigned per prototype and
+        ``nearest`` (C*K,) pixels whose nearest own-class prototype it is
+        (the inference rule; see :mod:`mmseg_proto.evaluation`).
+        All fp32 sums, so they can be all-reduced across processes.
+    """
+    c, k = num_classes, num_prototypes
+    t = transport.float()
+    ent = -(t * torch.log(t.clamp(min=1e-12))).sum(dim=1)
+    ent = ent / math.log(k) if k > 1 else torch.zeros_like(ent)
+    return dict(
+        entropy_sum=t.new_zeros(c).index_add_(0, labels, ent),
+        pixels=torch.bincount(labels, minlength=c).float(),
+        assigned=torch.bincount(targets, minlength=c * k).float(),
+        nearest=nearest_counts(labels, own.argmax(dim=1), c, k))
+
+
+@torch.no_grad()
+def usage_statistics(labels: Tensor, own: Tensor, correct: Tensor, correct_emb: Tensor,
+                     num_classes: int, num_prototypes: int) -> Dict[str, Tensor]:
+    """What re-seeding unused prototypes needs from one batch.
+
+    Args:
+        labels (Tensor): (N,) class of each labelled pixel.
+        own (Tensor): (N, K) similarities to the class's prototypes.
+        correct (Tensor): (N,) bool, correctly classified.
+        correct_emb (Tensor): (M, D) fp32 embeddings of the correct ones.
+        num_classes (int): C.
+        num_prototypes (int): K.
+
+    Returns:
+        dict[str, Tensor]: ``nearest`` (C*K,) labelled pixels whose
+        nearest own-class prototype it is (the inference rule);
+        ``outlier_sums`` (C, D) / ``outlier_weights`` (C,): the sum of the
+        correctly classified embeddings of each class, each weighted by
+        ``1 - s`` (``s``: its similarity to its nearest own prototype;
+        for unit vectors, half the squared distance), and the sum of
+        those weights: their ratio is the class's mean weighted towards
+        the pixels its prototypes serve worst, as k-means++ seeds. Plain
+        sums, so they add up over iterations and processes: the same
+        result however the batch is split.
+    """
+    c = num_classes
+    best, nearest_k = own.float().max(dim=1)
+    cls = labels[correct]
+    weight = (1.0 - best[correct]).clamp(min=0)
+    return dict(
+        nearest=nearest_counts(labels, nearest_k, c, num_prototypes),
+        outlier_sums=correct_emb.new_zeros(c, correct_emb.shape[1])
+        .index_add_(0, cls, correct_emb * weight[:, None]),
+        outlier_weights=weight.new_zeros(c).index_add_(0, cls, weight))
