@@ -7,6 +7,12 @@
 # (../shared/data/camvid). Results go to OUT.
 #
 # Usage: bash tools/dev/run_gpu_checks.sh WHEELS CAMVID OUT
+#
+# WHEELS, prepared where pip can reach PyPI (Python 3.12 on the GPU machine):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d WHEELS mmengine==0.10.7 mmsegmentation==1.2.2 \
+#     addict yapf platformdirs termcolor prettytable wcwidth ftfy "setuptools<81"
+#   pip download --no-deps --no-binary=:all: -d WHEELS mmcv==2.1.0
 set -uo pipefail
 WHEELS="$1"; CAMVID="$2"; OUT="$3"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD" PYTHONWARNINGS=ignore
