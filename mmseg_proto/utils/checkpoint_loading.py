@@ -7,7 +7,9 @@ arrays, dtypes and scalars, which the weights-only unpickler refuses, so ``--res
 ``load_from``, ``mim test --checkpoint`` and ``mmseg.apis.init_model`` fail.
 
 :func:`register_checkpoint_loader` makes :func:`load_local_checkpoint` mmengine's loader of
-local files (the scheme every local path goes through): it loads with ``weights_only=True``
+local files (the scheme every local path goes through), and :func:`load_http_checkpoint` its
+loader of ``http://`` / ``https://`` URLs (downloaded as mmengine does, then loaded as a local
+file): it loads with ``weights_only=True``
 and, *during that load only*, the weights-only unpickler also admits stand-ins for exactly
 what mmengine writes, each of which checks what it builds:
 
@@ -26,9 +28,11 @@ another thread *while* a checkpoint is being loaded sees the same stand-ins; the
 any file.)
 """
 import functools
+import os
 import os.path as osp
 import pickle
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -207,11 +211,53 @@ def load_local_checkpoint(filename: str, map_location=None) -> Any:
                                         weights_only=True)
 
 
+def _download(url: str, model_dir: Optional[str]) -> str:
+    """The cached copy of ``url``, downloaded if missing: mmengine's ``load_url`` place
+    (``$TORCH_HOME/checkpoints/<file name>``), so files it cached are reused."""
+    if model_dir is None:
+        torch_home = os.getenv('TORCH_HOME', osp.join(os.getenv('XDG_CACHE_HOME', '~/.cache'),
+                                                      'torch'))
+        model_dir = osp.join(osp.expanduser(torch_home), 'checkpoints')
+    os.makedirs(model_dir, exist_ok=True)
+    cached = osp.join(model_dir, osp.basename(urlparse(url).path))
+    if not osp.exists(cached):
+        torch.hub.download_url_to_file(url, cached, progress=False)
+    return cached
+
+
+def load_http_checkpoint(filename: str, map_location=None,
+                         model_dir: Optional[str] = None) -> Any:
+    """mmengine's loader of ``http(s)://`` checkpoints (``load_from``, ``--checkpoint``,
+    ``init_cfg=dict(type='Pretrained', checkpoint=URL)``), loading as
+    :func:`load_local_checkpoint` does.
+
+    Downloads as mmengine's ``load_from_http`` does (process 0 first, the others after a
+    barrier, into the same cache), then loads the file like a local one. It replaces
+    mmengine's loader rather than wrapping it: onedl-mmengine's falls back to
+    ``weights_only=False`` when weights-only loading fails, and OpenMMLab's refuses the numpy
+    and HistoryBuffer data of whole mmengine checkpoints on torch >= 2.6.
+    """
+    from mmengine.dist import get_dist_info
+    rank, world_size = get_dist_info()
+    if rank == 0:
+        path = _download(filename, model_dir)
+    if world_size > 1:
+        torch.distributed.barrier()
+        if rank > 0:
+            path = _download(filename, model_dir)
+    return load_local_checkpoint(path, map_location=map_location)
+
+
 def register_checkpoint_loader() -> None:
-    """Make :func:`load_local_checkpoint` mmengine's loader of local files (every local
-    ``load_from``, ``--resume``, ``--checkpoint`` and ``init_model`` goes through it).
-    Idempotent."""
+    """Make :func:`load_local_checkpoint` mmengine's loader of local files and
+    :func:`load_http_checkpoint` its loader of http(s) URLs (every ``load_from``,
+    ``--resume``, ``--checkpoint``, ``init_model`` and pretrained ``init_cfg`` with such a
+    path goes through them). Other schemes (``open-mmlab://``, ``torchvision://``, ...) keep
+    mmengine's loaders. Idempotent."""
     from mmengine.runner.checkpoint import CheckpointLoader
     if CheckpointLoader._schemes.get('') is not load_local_checkpoint:
         CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint,
                                          force=True)
+    if CheckpointLoader._schemes.get('https://') is not load_http_checkpoint:
+        CheckpointLoader.register_scheme(prefixes=('http://', 'https://'),
+                                         loader=load_http_checkpoint, force=True)

@@ -232,3 +232,49 @@ def test_torch_save_roundtrip_in_memory_still_refuses_numpy():
     buf.seek(0)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(buf)
+
+
+@pytest.fixture
+def http_dir(tmp_path, monkeypatch):
+    """(folder served over HTTP on localhost, its URL); TORCH_HOME in tmp_path."""
+    import functools
+    import http.server
+    import threading
+    served = tmp_path / 'served'
+    served.mkdir()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_checkpoint_loads_through_our_loader(http_dir, tmp_path):
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from mmseg_proto.utils.checkpoint_loading import load_http_checkpoint
+    assert CheckpointLoader._get_checkpoint_loader('https://x/y.pth') is load_http_checkpoint
+    served, url = http_dir
+    torch.save(mmengine_like_checkpoint(), served / 'iter_5.pth')
+    out = _load_checkpoint(f'{url}/iter_5.pth', map_location='cpu')
+    assert type(out['message_hub']['log_scalars']['train/loss']) is HistoryBuffer
+    assert out['meta']['seed'] == 3
+    # Cached where mmengine's load_url caches, and reused.
+    assert (tmp_path / 'torch_home' / 'checkpoints' / 'iter_5.pth').is_file()
+    (served / 'iter_5.pth').unlink()
+    assert _load_checkpoint(f'{url}/iter_5.pth', map_location='cpu')['meta']['seed'] == 3
+
+
+@pytest.mark.parametrize('name', ['object scalar', 'statistics methods from the file'])
+def test_crafted_file_over_http_is_refused(http_dir, name):
+    served, url = http_dir
+    torch.save(dict(meta=dict(evil=CRAFTED[name]), state_dict={}), served / 'evil.pth')
+    methods_before = dict(HistoryBuffer._statistics_methods)
+    with pytest.raises(pickle.UnpicklingError, match='mmseg_proto refused'):
+        _load_checkpoint(f'{url}/evil.pth', map_location='cpu')
+    assert HistoryBuffer._statistics_methods == methods_before
+    assert not admitted_outside_a_load()
