@@ -14,6 +14,7 @@ Every run is a separate process (so peak memory is per run).
 About 35 minutes on a 2-core CPU with --jobs 2 (two single-thread runs at a time).
 """
 import argparse
+import glob
 import json
 import os
 import os.path as osp
@@ -208,13 +209,22 @@ def main():
 
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(args.jobs) as pool:
-        records = list(pool.map(run, jobs))
+        list(pool.map(run, jobs))
+    # records.json and results.md hold every run finished in this --out at this schedule,
+    # this call's and earlier calls' (other variants or seeds), not only this call's.
+    records = []
+    for rec_file in sorted(glob.glob(osp.join(args.out, 'work', '*', 'record.json'))):
+        with open(rec_file) as f:
+            rec = json.load(f)
+        if rec['iters'] == args.iters:
+            records.append(rec)
     with open(osp.join(args.out, 'records.json'), 'w') as f:
         json.dump(records, f, indent=1)
     table = (f'CamVid val (101 images), {args.iters} iterations, batch 4, '
              f'crop 160x160 at half resolution, {args.jobs} run(s) at a time '
              f'with {env["OMP_NUM_THREADS"]} thread(s) each\n\n' +
-             aggregate(records, args.variants or MAIN + ABLATIONS))
+             aggregate(records, [v for v in VARIANTS
+                                 if any(r['variant'] == v for r in records)]))
     with open(osp.join(args.out, 'results.md'), 'w') as f:
         f.write(table + '\n')
     print(table)
