@@ -26,7 +26,12 @@ def mmseg_proto_config_scope() -> Iterator[None]:
     Leaves an entry that is already there untouched; removes only what it added.
     """
     from mmengine.config import utils as config_utils
-    table = config_utils.MODULE2PACKAGE
+    # The table's name in mmengine 0.10 (and its older alias); without one, a no-op.
+    table = getattr(config_utils, 'MODULE2PACKAGE', None) or getattr(
+        config_utils, 'PKG2PROJECT', None)
+    if table is None:
+        yield
+        return
     added = SCOPE not in table
     if added:
         table[SCOPE] = DISTRIBUTION
