@@ -12,7 +12,6 @@ Markdown table with the ProtoSeg / parametric time ratios beside the FLOP ratio
     python benchmarks/bench_inference_latency.py [--repeats 10] [--backbones b0 b2]
 """
 import argparse
-import importlib.util
 import os.path as osp
 import statistics
 import sys
@@ -26,19 +25,10 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
 
-import mmseg_proto  # noqa: F401
+from mmseg_proto.utils.onnx_export import SegmentorForExport, export
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(osp.dirname(mmseg.__file__), '.mim', 'configs', 'segformer',
                   'segformer_mit-{}_8xb2-160k_ade20k-512x512.py')
-
-
-def exporter_tool():
-    spec = importlib.util.spec_from_file_location(
-        'pytorch2onnx', osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build(backbone: str, k: int):
@@ -86,7 +76,6 @@ def main():
     args = p.parse_args()
     import onnxruntime as ort
     init_default_scope('mmseg')
-    tool = exporter_tool()
     device = torch.device(args.device)
     provider = 'CUDAExecutionProvider' if device.type == 'cuda' else 'CPUExecutionProvider'
     use_ort = provider in ort.get_available_providers()
@@ -102,7 +91,7 @@ def main():
         for name, k in (('parametric', 0), ('ProtoSeg K=10', 10), ('ProtoSeg K=1', 1)):
             torch.manual_seed(0)
             segmentor = build(backbone, k)
-            module = tool.SegmentorForExport(segmentor).eval()
+            module = SegmentorForExport(segmentor).eval()
             with torch.no_grad():
                 module.to(device)
                 on_device = image.to(device)
@@ -112,7 +101,7 @@ def main():
             if use_ort:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = osp.join(tmp, 'model.onnx')
-                    tool.export(module, path, (args.size, args.size), False, 'torchscript')
+                    export(module, path, (args.size, args.size), False, 'torchscript')
                     session = ort.InferenceSession(path, providers=[provider])
                     feed = {'image': image.numpy().astype(np.float32)}
                     t_ort = median_time(lambda: session.run(None, feed), args.repeats)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from conftest import CAMVID_MINI, PROTO_CFG, REPO, train_camvid_protoseg
 
+from mmseg_proto.utils.onnx_export import compare, load
+
 onnx = pytest.importorskip('onnx')  # test extras; CI installs them
 VAL_IMAGES = sorted(glob.glob(osp.join(CAMVID_MINI, 'img_dir', 'val', '*.jpg')))[:2]
 SHAPE = (96, 128)
@@ -57,11 +59,11 @@ def test_dynamic_export_runs_at_two_sizes(checkpoint, tmp_path):
     out = str(tmp_path / 'dynamic.onnx')
     t.main([PROTO_CFG, checkpoint, '--out', out, '--shape', *map(str, SHAPE), '--dynamic',
             '--exporter', 'dynamo'])
-    module = t.load(PROTO_CFG, checkpoint)
+    module = load(PROTO_CFG, checkpoint)
     session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
     for size in ((120, 160), (360, 480)):  # neither is the export size
         images = [mmcv.imresize(mmcv.imread(p), size[::-1]) for p in VAL_IMAGES]
-        result = t.compare(module, out, images)
+        result = compare(module, out, images)
         assert result['max_abs_diff'] <= 1e-4 and result['argmax_agreement'] >= 0.9999
         batch = np.stack([im.transpose(2, 0, 1) for im in images]).astype(np.float32)
         assert session.run(None, {'image': batch})[0].shape == (2, 11, *size)
