@@ -32,7 +32,9 @@ CE = dict(type='CrossEntropyLoss', loss_weight=1.0)
 PPC = dict(type='PixelPrototypeContrastLoss', loss_weight=0.01)
 PPD = dict(type='PixelPrototypeDistanceLoss', loss_weight=0.001)
 
-CAR = 8  # CamVidDataset's class index of 'car'
+# CamVidDataset's classes, in label order.
+CLASSES = ('sky', 'building', 'pole', 'road', 'sidewalk', 'tree', 'sign', 'fence',
+           'car', 'pedestrian', 'bicyclist')
 
 # name -> (config, ProtoHead overrides or None[, extra]); extra: 'held_out' (classes ignored
 # in training), 'hook' (PrototypeUpdateHook overrides)
@@ -47,8 +49,6 @@ VARIANTS = {
     'protoseg PPC T=0.1': (PROTO, dict(loss_decode=[
         CE, dict(PPC, temperature=0.1), PPD])),
     # Anomaly maps (benchmarks/camvid_anomaly.py): car pixels ignored in training.
-    'parametric no-car': (BASELINE, None, dict(held_out=[CAR])),
-    'protoseg no-car': (PROTO, {}, dict(held_out=[CAR])),
     # Re-seeding prototypes that are nearly never the nearest one of their class.
     'protoseg reseed': (PROTO, {}, dict(hook=dict(reseed_interval=100))),
     # Momentum for a short schedule: 0.999^1000 = 37% of the random start left.
@@ -57,6 +57,11 @@ VARIANTS = {
     'protoseg distance=standard': (PROTO, dict(distance='standard')),
     'protoseg distance=huberized': (PROTO, dict(distance='huberized')),
 }
+# Anomaly maps (benchmarks/camvid_anomaly.py): one class's pixels ignored in training,
+# 'parametric no-car', 'protoseg no-car', ... for every CamVid class.
+for _index, _name in enumerate(CLASSES):
+    VARIANTS[f'parametric no-{_name}'] = (BASELINE, None, dict(held_out=[_index]))
+    VARIANTS[f'protoseg no-{_name}'] = (PROTO, {}, dict(held_out=[_index]))
 MAIN = ['parametric', 'protoseg']
 ABLATIONS = ['protoseg CE only', 'protoseg CE+PPC', 'protoseg CE+PPD',
              'protoseg K=1']
@@ -120,12 +125,48 @@ def run_one(variant: str, seed: int, iters: int, data_root: str,
     runner.train()
     train_s = time.perf_counter() - t0
     metrics = runner.test()
-    return dict(
+    health = None
+    if hasattr(runner.model.decode_head, 'prototypes'):
+        health = val_health(runner.model, runner.test_dataloader.dataset)
+    return dict(health=health,
         variant=variant, seed=seed, iters=iters, mIoU=float(metrics['mIoU']),
         aAcc=float(metrics['aAcc']), per_class=IoUMetricKeepClasses.per_class,
         classes=list(runner.test_dataloader.dataset.metainfo['classes']),
         params=params, s_per_iter=train_s / iters,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def val_health(model, dataset) -> dict:
+    """Prototype health (docs/prototype_health.md) on every val pixel, mean over classes."""
+    import torch
+    from mmseg_proto.evaluation import nearest_prototype_usage, prototype_health
+    from mmseg_proto.visualization.prototypes import collect_embeddings
+    head = model.decode_head
+    emb, labels = collect_embeddings(model, dataset, range(head.num_classes),
+                                     num_images=len(dataset), per_class=10**12)
+    prototypes = head.prototypes.detach().cpu()
+    usage = nearest_prototype_usage(emb.cpu(), labels.cpu(), prototypes)
+    health = prototype_health(prototypes, usage)
+    present = health['pixels'] > 0
+    return {key: float(torch.nanmean(value[present].double()))
+            for key, value in health.items()}
+
+
+def health_table(records, variants) -> str:
+    """Prototype health of the ProtoSeg runs: mean ± std over seeds."""
+    import numpy as np
+    lines = ['| model | seeds | effective prototypes (>= 1%) | exp-entropy of use | '
+             "cosine mean between a class's prototypes |", '|---|---|---|---|---|']
+    for v in variants:
+        rs = [r for r in records if r['variant'] == v and r.get('health')]
+        if not rs:
+            continue
+        cells = []
+        for key, digits in (('effective', 1), ('exp_entropy', 2), ('cos_mean', 2)):
+            x = np.array([r['health'][key] for r in rs])
+            cells.append(f'{x.mean():.{digits}f} ± {x.std(ddof=1) if len(x) > 1 else 0:.{digits}f}')
+        lines.append(f'| {v} | {len(rs)} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) if len(lines) > 2 else ''
 
 
 def aggregate(records, variants) -> str:
@@ -153,6 +194,9 @@ def aggregate(records, variants) -> str:
                               + ' |')
     lines += ['', '| model | ' + ' | '.join(classes) + ' |',
               '|' + '---|' * (len(classes) + 1)] + per_class_rows
+    health = health_table(records, variants)
+    if health:
+        lines += ['', 'Prototype health on val (mean over classes):', '', health]
     return '\n'.join(lines)
 
 
