@@ -1,4 +1,6 @@
 """Validation of ProtoHead's options: one message naming every config key at fault."""
+import math
+
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.registry import MODELS
 
@@ -13,6 +15,17 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite_positive(value) -> bool:
+    """A real number in (0, inf): ``inf`` (or an int too large for a float) would make every
+    huberized similarity 1, each class score the same constant, so nothing is learned."""
+    if not _is_real(value):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:
+        return False
 
 
 # option -> (check, what it must be)
@@ -34,7 +47,7 @@ OPTION_RULES = {
     'similarity_chunk': (lambda v: v is None or (_is_int(v) and v >= 1),
                          'None or an integer >= 1'),
     'distance': (lambda v: v in DISTANCES, f'one of {DISTANCES}'),
-    'huber_delta': (lambda v: _is_real(v) and v > 0, 'a number > 0'),
+    'huber_delta': (_is_finite_positive, 'a finite number > 0, e.g. 1.0'),
     'reference_width_norm': (lambda v: isinstance(v, bool), 'True or False'),
     'load_prototypes': (lambda v: isinstance(v, bool), 'True or False'),
 }

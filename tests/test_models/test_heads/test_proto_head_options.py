@@ -14,11 +14,22 @@ from mmengine.runner.checkpoint import load_checkpoint, save_checkpoint
     ('embed_dims', 8.0), ('embed_dims', 0), ('projection', 'conv'),
     ('sync_sinkhorn', 'yes'), ('fused_losses', 1), ('similarity_chunk', 0),
     ('similarity_chunk', 64.0), ('reference_width_norm', None), ('load_prototypes', 'no'),
+    ('huber_delta', float('inf')), ('huber_delta', float('nan')), ('huber_delta', -1.0),
+    ('huber_delta', True), pytest.param('huber_delta', 10**400, id='huber_delta-10**400'),
 ])
 def test_bad_option_gets_a_proto_head_message_naming_the_key(key, value):
     with pytest.raises(ValueError, match=rf'ProtoHead: invalid {key}=') as err:
         make_head(**{key: value})
     assert 'must be' in str(err.value)
+
+
+@pytest.mark.parametrize('value', [float('inf'), float('nan')])
+def test_huber_delta_must_be_finite(value):
+    # inf would make every huberized similarity 1: each class score the same constant.
+    with pytest.raises(ValueError, match=rf'ProtoHead: invalid huber_delta={value!r} '
+                                         r'\(must be a finite number > 0'):
+        make_head(distance='huberized', huber_delta=value)
+    assert make_head(distance='huberized', huber_delta=1e3).huber_delta == 1e3
 
 
 def test_one_class_is_refused_with_what_to_do():

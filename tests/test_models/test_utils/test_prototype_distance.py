@@ -75,3 +75,61 @@ def test_table_5d_configs(distance):
     head = MODELS.build(cfg.model.decode_head)
     assert head.distance == distance and head.num_classes == 150
     assert head.scores_path == ('fused' if distance == 'cosine' else 'eager')
+
+
+def huber_similarity_by_hand(cos, delta):
+    """1 - Huber(d), d the Euclidean distance of unit vectors with this cosine, written out."""
+    d = (2.0 - 2.0 * cos).clamp(min=1e-6).sqrt()
+    return 1.0 - torch.where(d <= delta, d ** 2 / (2 * delta), d - delta / 2)
+
+
+def test_huberized_with_delta_half_against_a_hand_computation():
+    # Unit vectors at distance d have cos = 1 - d^2 / 2. Delta 0.5:
+    #   d = 0.3 (quadratic): f = 0.3^2 / (2 * 0.5) = 0.09,  s = 0.91,  cos = 0.955
+    #   d = 0.8 (linear):    f = 0.8 - 0.5 / 2    = 0.55,  s = 0.45,  cos = 0.68
+    #   d = 1.5 (linear):    f = 1.5 - 0.25       = 1.25,  s = -0.25, cos = -0.125
+    #   d = 0.5 (= delta):   f = 0.25 / 1 = 0.5 - 0.25 = 0.25, s = 0.75, cos = 0.875
+    cos = torch.tensor([0.955, 0.68, -0.125, 0.875], dtype=torch.float64)
+    torch.testing.assert_close(similarity_from_cosine(cos, 'huberized', 0.5),
+                               torch.tensor([0.91, 0.45, -0.25, 0.75], dtype=torch.float64))
+    # Delta 2: d <= 2 always, the quadratic d^2 / 4 = (1 - cos) / 2 everywhere.
+    torch.testing.assert_close(similarity_from_cosine(cos, 'huberized', 2.0), (1 + cos) / 2)
+
+
+@pytest.mark.parametrize('delta', [0.5, 0.3, 1.2])
+def test_huberized_is_continuous_with_a_continuous_slope_at_delta(delta):
+    eps = 1e-6
+    d = torch.tensor([delta - eps, delta, delta + eps], dtype=torch.float64,
+                     requires_grad=True)
+    s = similarity_from_cosine(1.0 - d * d / 2, 'huberized', delta)
+    # Both pieces meet at 1 - delta / 2 ...
+    torch.testing.assert_close(s.detach(), torch.full((3, ), 1.0 - delta / 2, dtype=d.dtype),
+                               atol=2 * eps, rtol=0)
+    # ... with the same slope ds/dd = -d / delta = -1 (the Huber function is C^1).
+    (grad, ) = torch.autograd.grad(s.sum(), d)
+    torch.testing.assert_close(grad, torch.full((3, ), -1.0, dtype=d.dtype), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('grad', [False, True], ids=['inference', 'training'])
+def test_head_passes_its_huber_delta(grad, seeded):
+    """A head with huber_delta=0.5 scores each class with that delta's similarity: the logits
+    are the LayerNorm over classes of the hand-computed similarity (a shift common to all
+    classes, all a linear-branch delta changes, would cancel in it: pixels near a prototype,
+    on the quadratic branch, tell the deltas apart)."""
+    head = make_head(num_classes=3, channels=8, num_prototypes=2, distance='huberized',
+                     huber_delta=0.5)
+    x = [torch.randn(2, 8, 6, 5)]
+    with torch.no_grad():
+        emb = head.embed(x)  # (B, H, W, D), unit vectors
+        # Prototypes near some pixels' embeddings, so both Huber branches occur.
+        picks = emb.reshape(-1, emb.shape[-1])[:6] + 0.15 * torch.randn(6, emb.shape[-1])
+        head.prototypes.copy_(torch.nn.functional.normalize(picks, dim=-1).view(3, 2, -1))
+        cos = torch.einsum('bhwd,ckd->bhwck', emb, head.prototypes).amax(-1)
+        d = (2 - 2 * cos).clamp(min=1e-6).sqrt()
+        assert (d < 0.5).any() and (d > 0.5).any()
+        expected = head.mask_norm(huber_similarity_by_hand(cos, 0.5)).permute(0, 3, 1, 2)
+        other = head.mask_norm(huber_similarity_by_hand(cos, 1.0)).permute(0, 3, 1, 2)
+    assert not torch.allclose(expected, other, atol=1e-3)
+    with torch.set_grad_enabled(grad):
+        logits = head(x)
+    torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=1e-5)
