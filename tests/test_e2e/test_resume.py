@@ -9,6 +9,11 @@
   drop-path are switched off: they draw from torch's RNG, whose state
   mmengine 0.10 does not save in checkpoints, so with them the resumed run
   trains correctly but not bit-identically (see docs/distributed.md).
+* Exact resume with re-seeding and with gradient accumulation: a run
+  resumed in the middle of a re-seeding window, and one resumed in the
+  middle of an accumulated optimizer step (whose statistics and gradients
+  are pending), end bit-identical to the uninterrupted run, whose
+  checkpoint at that iteration they resume from.
 * SIGKILL: MMSeg's own ``tools/train.py`` is killed with ``kill -9`` after
   a checkpoint exists; ``python -m mmseg_proto.tools.train --resume`` picks
   up the latest checkpoint and finishes.
@@ -129,6 +134,53 @@ def test_exact_resume(tmp_path, one_thread):
         assert torch.equal(weights[k], weights2[k]), k
     assert_same_tree(optim, optim2)
     assert optim['state']  # AdamW moments exist and were compared
+
+
+@pytest.mark.parametrize(
+    'accumulate, reseed_interval',
+    [(1, 2),   # resumed after 1 of the 2 updates of a re-seeding window
+     (2, 1)],  # resumed after 1 of the 2 iterations of an optimizer step
+    ids=['mid_reseed_window', 'mid_accumulation'])
+def test_exact_resume_with_reseeding_and_accumulation(tmp_path, one_thread,
+                                                      accumulate,
+                                                      reseed_interval):
+    """6 iterations straight (checkpoint at 3) vs resume at 3 and 3 more.
+    Re-seeding happens at iterations 2 and 4 (min_share 1: every window
+    re-seeds); at 3 the window, or the accumulated step, is half done."""
+    max_iters, at = 6, 3
+    extra = dict(
+        custom_hooks=[dict(type='PrototypeUpdateHook', log_interval=10,
+                           reseed_interval=reseed_interval,
+                           reseed_min_share=1.0)],
+        optim_wrapper=dict(accumulative_counts=accumulate),
+        default_hooks=dict(checkpoint=dict(interval=at)))
+    straight = Runner.from_cfg(
+        resume_cfg(tmp_path / 'straight', max_iters, 'straight', **extra))
+    straight.train()
+    protos, weights, optim = final_state(straight)
+    reseeded = straight.message_hub.get_scalar('train/proto_reseeded').data[0]
+    assert len(reseeded) == 2 and min(reseeded) >= 1  # at iterations 2 and 4
+
+    ckpt_path = str(tmp_path / 'straight' / f'iter_{at}.pth')
+    ckpt = CheckpointLoader.load_checkpoint(ckpt_path, map_location='cpu')
+    state = ckpt['prototype_update_hook']
+    if accumulate > 1:  # the pending half of the step 3-4 is in the checkpoint
+        assert state['pending'] and state['gradients']
+    else:
+        assert state['window_updates'] == 1 and state['window']
+    resumed = Runner.from_cfg(
+        resume_cfg(tmp_path / 'resumed', max_iters, 'resumed', resume=True,
+                   load_from=ckpt_path, **extra))
+    resumed.train()
+    assert resumed.iter == max_iters
+    protos2, weights2, optim2 = final_state(resumed)
+    assert not torch.equal(ckpt['state_dict']['decode_head.prototypes'],
+                           protos2)
+    assert torch.equal(protos, protos2)
+    assert weights.keys() == weights2.keys()
+    for k in weights:
+        assert torch.equal(weights[k], weights2[k]), k
+    assert_same_tree(optim, optim2)
 
 
 def test_sigkill_then_resume_finishes(tmp_path):

@@ -1,6 +1,9 @@
 """PrototypeUpdateHook: the momentum update computed by hand, once per optimizer step."""
+import re
+import threading
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import make_head, make_samples
 from mmengine.logging import MMLogger, MessageHub
@@ -160,10 +163,11 @@ def test_hook_reseeds_every_interval_and_logs_it():
 
 
 def test_reseed_options_are_checked():
-    import pytest
-    with pytest.raises(ValueError, match='reseed_interval must be an integer >= 0'):
+    with pytest.raises(ValueError,
+                       match=r'invalid reseed_interval=-1 \(must be an integer >= 0'):
         PrototypeUpdateHook(reseed_interval=-1)
-    with pytest.raises(ValueError, match='reseed_min_share must be in'):
+    with pytest.raises(ValueError,
+                       match=r'invalid reseed_min_share=0 \(must be a number in \(0, 1\]'):
         PrototypeUpdateHook(reseed_min_share=0)
 
 
@@ -184,3 +188,344 @@ def test_no_reseeding_in_the_last_window():
         hook.after_train_iter(runner, it)
         moved = ((head.prototypes - start).abs().amax(dim=-1) > 1e-3).sum()
         assert (moved > 0) == (it == 0)  # re-seeded after iteration 1 of 2, not after 2
+
+
+# ---------------------------------------------------------- option types --
+
+@pytest.mark.parametrize('kwargs, shown', [
+    (dict(reseed_interval=True), 'reseed_interval=True'),
+    (dict(reseed_interval=2.0), 'reseed_interval=2.0'),
+    (dict(reseed_min_share=True), 'reseed_min_share=True'),
+    (dict(reseed_min_share=float('nan')), 'reseed_min_share=nan'),
+    (dict(log_interval=2.5), 'log_interval=2.5'),
+    (dict(log_interval=True), 'log_interval=True'),
+    (dict(log_interval=None), 'log_interval=None'),
+    (dict(per_class_entropy='no'), "per_class_entropy='no'"),
+    (dict(per_class_entropy=1), 'per_class_entropy=1'),
+])
+def test_option_types_are_checked_as_protohead_does(kwargs, shown):
+    with pytest.raises(ValueError, match=r'^PrototypeUpdateHook: invalid '
+                       + re.escape(shown) + r' \(must be '):
+        PrototypeUpdateHook(**kwargs)
+
+
+def test_every_bad_option_is_named_in_one_message():
+    with pytest.raises(ValueError) as err:
+        PrototypeUpdateHook(log_interval=None, per_class_entropy='no')
+    assert str(err.value) == (
+        'PrototypeUpdateHook: invalid log_interval=None (must be an integer '
+        ">= 0; 0 disables logging); per_class_entropy='no' (must be True or "
+        'False)')
+    hook = PrototypeUpdateHook(log_interval=0, reseed_interval=3,
+                               reseed_min_share=1, per_class_entropy=False)
+    assert (hook.log_interval, hook.reseed_interval, hook.reseed_min_share,
+            hook.per_class_entropy) == (0, 3, 1.0, False)
+
+
+# ------------------------------------------------ gradient accumulation --
+
+def run_iterations(head, hook, runner, param, labels_per_iter, g):
+    """Train ``head`` one iteration per label map; returns the statistics of
+    each iteration and the prototypes after each."""
+    stats, protos = [], []
+    for it, labels in enumerate(labels_per_iter):
+        x = [torch.randn(2, 8, 6, 5, generator=g)]
+        losses = head.loss(x, make_samples(labels), None)
+        stats.append((head._statistics.sums.clone(),
+                      head._statistics.counts.clone()))
+        runner.iter = it
+        runner.optim_wrapper.update_params(losses['loss_ce'] + param.sum())
+        hook.after_train_iter(runner, it)
+        protos.append(head.prototypes.clone())
+    return stats, protos
+
+
+def test_second_accumulated_step_is_the_ema_of_its_own_iterations_only():
+    torch.manual_seed(0)
+    head = make_head(num_classes=3, channels=8, num_prototypes=2, momentum=0.8)
+    hook = PrototypeUpdateHook(log_interval=0)
+    runner, param = fake_runner(head, accumulative_counts=2)
+    hook.before_train(runner)
+    start = head.prototypes.clone()
+    g = torch.Generator().manual_seed(1)
+    # Step 1 (iterations 0, 1) sees classes 0 and 1, step 2 (2, 3) classes 0
+    # and 2: a leak of step 1's statistics into step 2 moves class 1 again.
+    labels = [torch.randint(0, 2, (2, 6, 5), generator=g) * m
+              for m in (1, 1, 2, 2)]
+    stats, protos = run_iterations(head, hook, runner, param, labels, g)
+    first = hand_ema(start, stats[0][0] + stats[1][0],
+                     stats[0][1] + stats[1][1], 0.8)
+    torch.testing.assert_close(protos[1], first)
+    assert torch.equal(protos[2], protos[1])  # accumulating: no update
+    second = hand_ema(protos[1], stats[2][0] + stats[3][0],
+                      stats[2][1] + stats[3][1], 0.8)
+    torch.testing.assert_close(protos[3], second)
+    assert torch.equal(protos[3][1], protos[1][1])  # class 1 not in step 2
+    leaked = hand_ema(protos[1], sum(s for s, _ in stats),
+                      sum(c for _, c in stats), 0.8)
+    assert not torch.allclose(protos[3], leaked, atol=1e-3)
+    assert hook._pending == {}
+
+
+def reseed_run(max_iters, iters):
+    """Re-seeding every 2 optimizer steps with accumulative_counts=2
+    (momentum 1: only re-seeding moves prototypes); the iterations after
+    which prototypes moved."""
+    torch.manual_seed(0)
+    head = make_head(num_classes=3, channels=8, num_prototypes=4, momentum=1.0)
+    hook = PrototypeUpdateHook(log_interval=0, reseed_interval=2,
+                               reseed_min_share=1.0)
+    runner, param = fake_runner(head, accumulative_counts=2)
+    runner.optim_wrapper.initialize_count_status(runner.model, 0, max_iters)
+    runner.train_dataloader, runner.max_iters = None, max_iters
+    hook.before_train(runner)
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.randint(0, 3, (2, 6, 5), generator=g) for _ in range(iters)]
+    before = head.prototypes.clone()
+    _, protos = run_iterations(head, hook, runner, param, labels, g)
+    moved = []
+    for it, after in enumerate(protos):
+        if ((after - before).abs().amax(dim=-1) > 1e-3).any():
+            moved.append(it)
+        before = after
+    return moved
+
+
+def test_reseeding_window_counts_optimizer_steps_not_iterations():
+    # Steps end at iterations 1, 3, 5, 7 (0-based); a window of 2 steps ends
+    # at 3 and 7; 7 is the last window (no step left): not re-seeded.
+    assert reseed_run(max_iters=8, iters=8) == [3]
+    # With 6 iterations, only 1 step is left after iteration 3: a prototype
+    # re-seeded there would be trained for less than a window.
+    assert reseed_run(max_iters=6, iters=6) == []
+
+
+# ------------------------------ non-finite statistics on one process only --
+
+class ThreadAllReduce:
+    """``all_reduce(sum)`` between threads standing for processes: each call
+    waits for the other ranks' matching call (a rank that skips one makes
+    the others time out), and every rank gets the same sum."""
+
+    def __init__(self, world_size):
+        self.barrier = threading.Barrier(world_size, timeout=5)
+        self.slots = [None] * world_size
+        self.calls = [0] * world_size
+        self.local = threading.local()
+
+    def __call__(self, tensor, op='sum'):
+        assert op == 'sum'
+        rank = self.local.rank
+        self.slots[rank] = tensor.clone()
+        self.calls[rank] += 1
+        self.barrier.wait()
+        total = self.slots[0]
+        for other in self.slots[1:]:
+            total = total + other
+        self.barrier.wait()
+        tensor.copy_(total)
+
+
+class ListLogger:
+    def __init__(self):
+        self.warnings, self.infos = [], []
+
+    def warning(self, msg):
+        self.warnings.append(msg)
+
+    def info(self, msg):
+        self.infos.append(msg)
+
+
+def rank_statistics(g, c, k, d, nan=False):
+    from mmseg_proto.models.utils.prototype_statistics import \
+        PrototypeStatistics
+    sums = torch.randn(c * k, d, generator=g)
+    if nan:  # what ProtoHead hands over after non-finite embeddings
+        sums = torch.full_like(sums, float('nan'))
+    usage = dict(nearest=torch.randperm(c * k, generator=g).float(),
+                 outlier_sums=torch.randn(c, d, generator=g),
+                 outlier_weights=torch.rand(c, generator=g) + 0.1)
+    if nan:
+        usage['outlier_sums'] = torch.full_like(usage['outlier_sums'],
+                                                float('nan'))
+    return PrototypeStatistics(sums, torch.arange(c * k).float() % 3, None,
+                               usage)
+
+
+def test_non_finite_statistics_on_another_process_skip_the_update_everywhere(
+        monkeypatch):
+    import mmseg_proto.engine.hooks.prototype_update_hook as module
+    c, k, d, world = 3, 2, 4, 2
+    reduce = ThreadAllReduce(world)
+    monkeypatch.setattr(module, 'all_reduce', reduce)
+    monkeypatch.setattr(module, 'get_world_size', lambda: world)
+    g = torch.Generator().manual_seed(0)
+    # Iteration 0: rank 1's batch overflowed; iteration 1: both clean.
+    stats = [[rank_statistics(g, c, k, d, nan=(it == 0 and r == 1))
+              for r in range(world)] for it in range(2)]
+    heads, hooks, runners = [], [], []
+    for r in range(world):
+        head = make_head(num_classes=c, channels=d, num_prototypes=k,
+                         momentum=0.9)
+        if heads:
+            head.prototypes.copy_(heads[0].prototypes)
+        model = torch.nn.Module()
+        model.decode_head = head
+        heads.append(head)
+        hooks.append(PrototypeUpdateHook(log_interval=0, reseed_interval=2,
+                                         reseed_min_share=1.0))
+        runners.append(SimpleNamespace(
+            model=model, optim_wrapper=None, iter=0, max_iters=100,
+            train_dataloader=None, logger=ListLogger(),
+            message_hub=MessageHub.get_instance(f'nonfinite_rank{r}')))
+    start = heads[0].prototypes.clone()
+    after = [[None] * world for _ in range(2)]
+    errors = []
+
+    def rank_main(r):
+        reduce.local.rank = r
+        try:
+            hooks[r].before_train(runners[r])
+            for it in range(2):
+                runners[r].iter = it
+                heads[r]._statistics = stats[it][r]
+                hooks[r].after_train_iter(runners[r], it)
+                after[it][r] = heads[r].prototypes.clone()
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append((r, repr(e)))
+            reduce.barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r, ))
+               for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    assert reduce.calls[0] == reduce.calls[1] > 0  # in step
+    for r in range(world):  # the clean rank 0 skipped too, with the warning
+        assert torch.equal(after[0][r], start), r
+        assert runners[r].logger.warnings == [
+            'PrototypeUpdateHook: non-finite embeddings at iteration 1; '
+            'prototype update skipped.'], r
+    # Iteration 1: the same update on both, from iteration 1 only, then the
+    # window (iteration 1's usage only: iteration 0's was skipped) re-seeds
+    # each class's least used prototype.
+    assert torch.equal(after[1][0], after[1][1])
+    clean = stats[1]
+    expected = hand_ema(start, clean[0].sums + clean[1].sums,
+                        clean[0].counts + clean[1].counts, 0.9)
+    nearest = (clean[0].usage['nearest'] + clean[1].usage['nearest']).view(c, k)
+    outliers = clean[0].usage['outlier_sums'] + clean[1].usage['outlier_sums']
+    for cls in range(c):
+        expected[cls, nearest[cls].argmin()] = \
+            outliers[cls] / outliers[cls].norm()
+    torch.testing.assert_close(after[1][0], expected)
+    assert all(h._window_updates == 0 and h._window == {} for h in hooks)
+
+
+# ------------------------------------------------------- resume state --
+
+def half_done_run():
+    """3 iterations with accumulative_counts=2 and windows of 3 steps: at the
+    checkpoint after iteration 3 the window has 1 update and the second step
+    has 1 iteration pending (statistics and gradients)."""
+    torch.manual_seed(0)
+    head = make_head(num_classes=3, channels=8, num_prototypes=2)
+    hook = PrototypeUpdateHook(log_interval=0, reseed_interval=3)
+    runner, param = fake_runner(head, accumulative_counts=2)
+    runner.train_dataloader = None
+    hook.before_train(runner)
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.randint(0, 3, (2, 6, 5), generator=g) for _ in range(3)]
+    run_iterations(head, hook, runner, param, labels, g)
+    checkpoint = {'meta': {'iter': 3}}
+    hook.before_save_checkpoint(runner, checkpoint)
+    return head, hook, runner, checkpoint
+
+
+def resumed_hook(checkpoint, iteration=3, accumulate=2, num_classes=3):
+    head = make_head(num_classes=num_classes, channels=8, num_prototypes=2)
+    hook = PrototypeUpdateHook(log_interval=0, reseed_interval=3)
+    runner, _ = fake_runner(head, accumulative_counts=accumulate)
+    runner.logger = ListLogger()
+    runner.iter = iteration
+    hook.after_load_checkpoint(runner, checkpoint)
+    hook.before_train(runner)
+    return head, hook, runner
+
+
+def test_checkpoint_holds_window_pending_statistics_and_gradients():
+    import io
+    head, hook, runner, checkpoint = half_done_run()
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)  # weights-only loadable: plain dicts, ints and tensors
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded['prototype_update_hook']['iter'] == 3
+    head2, hook2, runner2 = resumed_hook(loaded)
+    assert hook2._window_updates == hook._window_updates == 1
+    assert hook2._window.keys() == hook._window.keys() == {0}
+    for key, value in hook._window[0].items():
+        assert torch.equal(hook2._window[0][key], value), key
+    assert hook2._pending.keys() == {0}
+    for name in ('sums', 'counts'):
+        assert torch.equal(getattr(hook2._pending[0], name),
+                           getattr(hook._pending[0], name)), name
+    for key, value in hook._pending[0].usage.items():
+        assert torch.equal(hook2._pending[0].usage[key], value), key
+    grads = {n: p.grad for n, p in runner.model.named_parameters()}
+    grads2 = {n: p.grad for n, p in runner2.model.named_parameters()}
+    assert grads.keys() == grads2.keys()
+    assert all(grads[n] is not None and torch.equal(grads[n], grads2[n])
+               for n in grads)
+    assert 'restored the gradients' in runner2.logger.infos[0]
+
+
+def test_old_checkpoints_and_load_from_restore_nothing():
+    _, _, _, checkpoint = half_done_run()
+    # A checkpoint written before the hook saved its state: defaults, said.
+    old = {k: v for k, v in checkpoint.items() if k != 'prototype_update_hook'}
+    _, hook, runner = resumed_hook(old)
+    assert hook._window == {} and hook._pending == {}
+    assert hook._window_updates == 0
+    assert 'holds no re-seeding window' in runner.logger.infos[0]
+    # load_from without resume (iteration 0): a new run, nothing restored.
+    head, hook, runner = resumed_hook(checkpoint, iteration=0)
+    assert hook._window == {} and hook._pending == {}
+    assert all(p.grad is None for p in runner.model.parameters())
+
+
+def test_pending_step_is_dropped_where_the_resumed_run_ends_a_step():
+    _, _, _, checkpoint = half_done_run()
+    _, hook, runner = resumed_hook(checkpoint, accumulate=3)
+    assert hook._pending == {} and hook._window_updates == 1
+    assert all(p.grad is None for p in runner.model.parameters())
+    assert 'dropped' in runner.logger.warnings[0]
+
+
+def test_state_that_does_not_fit_the_model_is_refused():
+    _, _, _, checkpoint = half_done_run()
+    with pytest.raises(ValueError, match=r"re-seeding window .*for "
+                       r"ProtoHead 0, which needs .*'prototype_update_hook'"):
+        resumed_hook(checkpoint, num_classes=4)
+    with pytest.raises(ValueError, match=r'saved at iteration 3 but the run '
+                       r'resumes at iteration 5'):
+        resumed_hook(checkpoint, iteration=5)
+    checkpoint['prototype_update_hook']['version'] = 99
+    with pytest.raises(ValueError, match='version 99'):
+        resumed_hook(checkpoint)
+
+
+def test_several_processes_save_no_gradients_mid_step_and_say_so(monkeypatch):
+    import mmseg_proto.engine.hooks.prototype_update_hook as module
+    head, hook, runner, _ = half_done_run()
+    monkeypatch.setattr(module, 'get_world_size', lambda: 2)
+    runner.logger = ListLogger()
+    checkpoint = {'meta': {'iter': 3}}
+    hook.before_save_checkpoint(runner, checkpoint)
+    assert checkpoint['prototype_update_hook']['gradients'] is None
+    assert checkpoint['prototype_update_hook']['pending']
+    assert 'gradients accumulated on each are not saved' in \
+        runner.logger.warnings[0]

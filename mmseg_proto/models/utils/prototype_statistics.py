@@ -2,7 +2,7 @@
 diagnostics (Sinkhorn assignments, prototype use) it may add."""
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -51,6 +51,52 @@ class PrototypeStatistics:
                                    self.counts + other.counts,
                                    other.assignments or self.assignments,
                                    usage)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint keeps of statistics pending for an accumulated
+        optimizer step (``PrototypeUpdateHook``): copies on the CPU of
+        ``sums``, ``counts`` and ``usage``. The ``assignments`` diagnostics
+        are left out: only the iteration that steps logs them, from its
+        own batch."""
+        return dict(sums=self.sums.detach().cpu().clone(),
+                    counts=self.counts.detach().cpu().clone(),
+                    usage=None if self.usage is None else
+                    {key: value.detach().cpu().clone()
+                     for key, value in self.usage.items()})
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, Any],
+                        device: torch.device) -> 'PrototypeStatistics':
+        """Inverse of :meth:`state_dict`, on ``device``.
+
+        Args:
+            state (dict): What :meth:`state_dict` returned.
+            device (torch.device): Where the head's prototypes are.
+
+        Raises:
+            ValueError: ``state`` is not such a dict (names what is wrong).
+        """
+        usage = state.get('usage') if isinstance(state, dict) else None
+        if not (isinstance(state, dict) and
+                isinstance(state.get('sums'), Tensor) and
+                isinstance(state.get('counts'), Tensor) and
+                (usage is None or (isinstance(usage, dict) and all(
+                    isinstance(v, Tensor) for v in usage.values())))):
+            raise ValueError(
+                'PrototypeStatistics: a saved state must be a dict with '
+                "tensors 'sums' and 'counts' and a dict of tensors or None "
+                f"'usage', got {_describe(state)}")
+        return cls(state['sums'].to(device), state['counts'].to(device),
+                   None, None if usage is None else
+                   {key: value.to(device) for key, value in usage.items()})
+
+
+def _describe(value: Any) -> str:
+    """A short description of a value for error messages."""
+    if isinstance(value, dict):
+        return 'a dict with keys ' + ', '.join(
+            f'{k!r}: {type(v).__name__}' for k, v in value.items())
+    return type(value).__name__
 
 
 def nearest_counts(labels: Tensor, nearest_k: Tensor, num_classes: int,
