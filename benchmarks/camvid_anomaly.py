@@ -207,6 +207,8 @@ def main():
     p.add_argument('--held-out', nargs='+', default=['car'],
                    help='classes held out of training, one at a time (default: car)')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    p.add_argument('--models', nargs='+', choices=MODELS, default=list(MODELS),
+                   help='which models to train and score (default: both)')
     p.add_argument('--jobs', type=int, default=1)
     p.add_argument('--threads', type=int, default=os.cpu_count())
     p.add_argument('--device', default='cpu', help="evaluation device, e.g. 'cuda'")
@@ -251,7 +253,7 @@ def main():
             return json.load(f)
 
     from concurrent.futures import ThreadPoolExecutor
-    jobs = [(c, s, m) for c in args.held_out for s in args.seeds for m in MODELS]
+    jobs = [(c, s, m) for c in args.held_out for s in args.seeds for m in args.models]
     if args.report_only:
         done = [osp.join(args.out, 'work', f'{m}_no-{c}_s{s}', 'anomaly.json')
                 for c, s, m in jobs]

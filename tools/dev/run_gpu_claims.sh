@@ -19,6 +19,8 @@
 # SegFormer head, ProtoHead and the CamVid pipeline call none).
 #
 # Usage: bash tools/dev/run_gpu_claims.sh WHEELS CAMVID OUT [DEADLINE_S]
+#   ANOMALY_ARGS (default: the 16 runs above) replaces camvid_anomaly.py's run selection, e.g.
+#   ANOMALY_ARGS='--models protoseg --seeds 0' ; ACCURACY=0 skips the 4000-iteration runs.
 set -uo pipefail
 WHEELS="$1"; CAMVID="$(cd "$2" && pwd)"; OUT="$3"; DEADLINE_S="${4:-480}"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -47,10 +49,11 @@ echo "set-up $(($(date +%s) - start)) s"
 
 left=$((DEADLINE_S - ($(date +%s) - start)))
 timeout "$left" python3 benchmarks/camvid_anomaly.py --data-root "$CAMVID" --iters 1000 \
-    --held-out car pedestrian sign pole --seeds 0 1 --jobs 16 --threads 16 --device cuda \
+    --held-out car pedestrian sign pole ${ANOMALY_ARGS:---seeds 0 1 --jobs 16 --threads 16} --device cuda \
     --out /tmp/claims/anomaly > "$OUT/anomaly.log" 2>&1 &
 anomaly=$!
-timeout "$left" python3 benchmarks/camvid_benchmark.py --data-root "$CAMVID" --iters 4000 \
+[ "${ACCURACY:-1}" = 0 ] && accuracy_cmd=true || accuracy_cmd=python3
+timeout "$left" $accuracy_cmd benchmarks/camvid_benchmark.py --data-root "$CAMVID" --iters 4000 \
     --variants parametric protoseg --seeds 0 1 2 --jobs 6 --threads 6 \
     --out /tmp/claims/camvid_4000 > "$OUT/camvid_4000.log" 2>&1 &
 accuracy=$!
@@ -59,7 +62,7 @@ while kill -0 $anomaly 2>/dev/null || kill -0 $accuracy 2>/dev/null; do
     echo "$(($(date +%s) - start)) s: $(ls /tmp/claims/*/work/*/record.json 2>/dev/null | wc -l) trained, $(ls /tmp/claims/*/work/*/anomaly.json 2>/dev/null | wc -l) scored"
 done
 wait $anomaly; echo "anomaly exit $?"; wait $accuracy; echo "camvid_4000 exit $?"
-tail -5 "$OUT/anomaly.log" "$OUT/camvid_4000.log"
+tail -n 5 "$OUT/anomaly.log" "$OUT/camvid_4000.log"
 (cd /tmp/claims && find . \( -name 'record.json' -o -name 'anomaly.json' -o -name '*.md' \
     -o -name '*records.json' \) -print0 | tar czf "$OUT/results.tar.gz" --null -T -)
 echo "total $(($(date +%s) - start)) s"
