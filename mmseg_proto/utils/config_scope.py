@@ -5,11 +5,14 @@ own table (``mmengine.config.utils.MODULE2PACKAGE``: mmseg, mmdet, ...); any oth
 with ``AssertionError: mmengine does not support to load pkg config.`` It then reads the
 config from ``<installed package>/.mim/configs/path/to/config.py``, where a non-editable
 install of mmseg_proto puts our ``configs/`` (setup.py). The entry is added only while one of
-our tools parses and runs a config (``python -m mmseg_proto.tools.train``/``test``, or
-``mim train mmseg_proto``/``mim test mmseg_proto``, which run them) and removed afterwards:
-importing mmseg_proto does not change mmengine's table, and MMSeg's own tools parse a config
-before its ``custom_imports`` run, so through them ``mmseg_proto::`` cannot work
-(docs/deployment.md, "Configs from an installed package").
+our tools parses and runs a config and removed afterwards: ``python -m
+mmseg_proto.tools.train``/``test`` (``mim train mmseg_proto``/``mim test mmseg_proto`` run
+them) and every shipped tool that reads a config (``tools/analysis_tools/count_params.py``,
+``prototype_health.py``, ``tools/deployment/pytorch2onnx.py`` through
+:func:`mmseg_proto.utils.onnx_export.load`, ``tools/visualization/vis_embedding.py``,
+``vis_prototype_similarity.py``). Importing mmseg_proto does not change mmengine's table, and
+MMSeg's own tools parse a config before its ``custom_imports`` run, so through them
+``mmseg_proto::`` cannot work (docs/deployment.md, "Configs from an installed package").
 """
 from contextlib import contextmanager
 from typing import Iterator

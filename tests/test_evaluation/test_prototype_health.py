@@ -1,11 +1,13 @@
 """Prototype health: the figures by hand on constructed cases, and the tool on a checkpoint
 trained here."""
+import importlib.util
 import math
 import os
 import os.path as osp
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import PROTO_CFG, REPO
@@ -46,20 +48,54 @@ def test_a_class_without_pixels_is_left_out_of_the_mean():
     assert 'mean over 2 classes** | 10 | 1.5 |' in format_health_table(h)
 
 
-def test_tool_on_a_trained_checkpoint(tmp_path):
+def test_a_share_equal_to_min_share_counts_as_effective():
+    """As documented: used when the share is *at least* min_share."""
+    protos = F.normalize(torch.randn(3, 4, 2), dim=-1)
+    usage = torch.tensor([[1, 99, 0, 0],  # 1/100: exactly the default 0.01
+                          [3, 7, 90, 0],
+                          [1, 100, 0, 0]])  # 1/101 < 0.01
+    assert prototype_health(protos, usage)['effective'].tolist() == [2, 3, 1]
+    assert prototype_health(protos, usage, min_share=0.03)['effective'].tolist() == [1, 3, 1]
+    assert prototype_health(protos, usage, min_share=0.07)['effective'].tolist() == [1, 2, 1]
+    assert prototype_health(protos, usage, min_share=0.9)['effective'].tolist() == [1, 1, 1]
+    assert prototype_health(protos, usage, min_share=0.99)['effective'].tolist() == [1, 0, 1]
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    """ProtoSeg after 2 iterations of the shipped CamVid config."""
     from mmengine.config import Config
     from mmengine.runner import Runner
+    work_dir = tmp_path_factory.mktemp('health')
     cfg = Config.fromfile(PROTO_CFG)
-    cfg.work_dir = str(tmp_path)
+    cfg.work_dir = str(work_dir)
     cfg.train_cfg.max_iters = 2
     cfg.train_cfg.val_interval = 100
     cfg.default_hooks.checkpoint.interval = 2
     Runner.from_cfg(cfg).train()
+    return str(work_dir / 'iter_2.pth')
+
+
+@pytest.mark.parametrize('num_images', ['0', '-3', 'two'])
+def test_tool_refuses_a_number_of_images_below_one(checkpoint, num_images, capsys):
+    spec = importlib.util.spec_from_file_location(
+        'prototype_health_tool', osp.join(REPO, 'tools', 'analysis_tools', 'prototype_health.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as exc:
+        tool.main([PROTO_CFG, checkpoint, '--num-images', num_images])
+    assert exc.value.code == 2  # argparse's usage error, before any model is built
+    err = capsys.readouterr().err
+    assert f'argument --num-images: {num_images}' in err.replace("'", '')
+    assert ('N must be >= 1' if num_images != 'two' else 'is not an integer') in err
+
+
+def test_tool_on_a_trained_checkpoint(checkpoint, tmp_path):
     out = tmp_path / 'health.md'
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
     proc = subprocess.run(
         [sys.executable, osp.join(REPO, 'tools', 'analysis_tools', 'prototype_health.py'),
-         PROTO_CFG, str(tmp_path / 'iter_2.pth'), '--num-images', '3', '--out', str(out)],
+         PROTO_CFG, checkpoint, '--num-images', '3', '--out', str(out)],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()

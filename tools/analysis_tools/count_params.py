@@ -30,7 +30,7 @@ import os
 import os.path as osp
 import re
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -118,12 +118,15 @@ def n_params(module: Optional[nn.Module]) -> int:
 def count(config: str) -> Dict[str, float]:
     """Parameter counts of one ProtoSeg config and of its baseline."""
     from mmengine.config import Config
+
+    from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
     base_path = baseline_of(config)
     if base_path is None:
         raise ValueError(f'{config}: no "# Baseline: <config>" line in its '
                          'header; name the parametric config it compares to')
-    proto = build_model(Config.fromfile(config))
-    base = build_model(Config.fromfile(base_path))
+    with mmseg_proto_config_scope():  # configs may inherit mmseg_proto::
+        proto = build_model(Config.fromfile(config))
+        base = build_model(Config.fromfile(base_path))
     head = proto.decode_head
     if type(head).__name__ != 'ProtoHead':
         raise ValueError(f'{config}: decode_head is {type(head).__name__}, '
@@ -165,18 +168,18 @@ def markdown(rows: List[Tuple[str, Dict[str, float], Optional[tuple]]]) -> str:
     return '\n'.join(out)
 
 
-def parse_args():
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Parameter counts of ProtoSeg configs and baselines')
     parser.add_argument(
         'configs', nargs='*',
         help='ProtoSeg configs with a "# Baseline:" header line '
         '(default: the model zoo)')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
     configs = args.configs or zoo_configs()
     if not configs:
         sys.exit('count_params: no configs given and none found in the '

@@ -8,33 +8,74 @@ exported: for a ProtoHead the running max over K slabs of C prototypes, never th
 (pixels x C*K) similarity matrix of training.
 
     python tools/deployment/pytorch2onnx.py CONFIG CHECKPOINT --out model.onnx \
-        [--shape H W] [--dynamic] [--exporter torchscript|dynamo] [--verify IMAGE ...]
+        [--shape H W] [--dynamic] [--exporter torchscript|dynamo] [--verify IMAGE ...] \
+        [--force]
 
-``--dynamic`` makes batch, height and width dynamic; ``--verify`` runs ONNX Runtime on the
-images (resized to --shape unless --dynamic) and prints the largest logit difference from
-PyTorch and the share of pixels with the same argmax.
+The config may inherit ours through ``mmseg_proto::``. ``--dynamic`` makes batch, height and
+width dynamic, with the dynamo exporter (the default then; the TorchScript exporter's dynamic
+graph fails in ONNX Runtime at other sizes, so that combination is refused). ``--verify`` runs
+ONNX Runtime on the images (resized to --shape unless --dynamic) and prints the largest logit
+difference from PyTorch and the share of pixels with the same argmax.
+
+``--out`` is never the config, the checkpoint or an image of the run (under any spelling or
+link); an existing file there is replaced only if it is an ONNX model, or with ``--force``.
+An export too small for the model (``--shape 1 1``) is refused with the smallest size it
+accepts.
 """
 import argparse
+from typing import Optional, Sequence
 
-from mmseg_proto.utils.onnx_export import compare, export, load
+from mmseg_proto.utils.onnx_export import (ExportError, check_output_path, compare, export,
+                                           load)
 
 
-def main(argv=None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Export CONFIG/CHECKPOINT to --out (see the module docstring).
+
+    Args:
+        argv (Sequence[str], optional): The command line without the program name.
+            Default: ``sys.argv[1:]``.
+
+    Returns:
+        dict: With --verify, ``max_abs_diff`` and ``argmax_agreement`` (:func:`compare`);
+        else empty.
+    """
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('config')
     p.add_argument('checkpoint')
     p.add_argument('--out', required=True, help='the .onnx file to write')
     p.add_argument('--shape', type=int, nargs=2, default=(512, 512), metavar=('H', 'W'),
                    help='input size of the export (and of --verify without --dynamic)')
-    p.add_argument('--dynamic', action='store_true', help='dynamic batch, height, width')
-    p.add_argument('--exporter', choices=('torchscript', 'dynamo'), default='torchscript')
+    p.add_argument('--dynamic', action='store_true',
+                   help='dynamic batch, height, width (dynamo exporter)')
+    p.add_argument('--exporter', choices=('torchscript', 'dynamo'), default=None,
+                   help='default: torchscript, or dynamo with --dynamic')
     p.add_argument('--opset', type=int, default=18)
     p.add_argument('--verify', nargs='*', default=[], metavar='IMAGE',
                    help='images to compare ONNX Runtime with PyTorch on')
+    p.add_argument('--force', action='store_true',
+                   help='replace an existing --out that is not an ONNX model')
     args = p.parse_args(argv)
+    if args.dynamic and args.exporter == 'torchscript':
+        p.error('--dynamic needs --exporter dynamo (the default with --dynamic): the '
+                "TorchScript exporter freezes the sizes MMSeg's MixVisionTransformer computes "
+                'in Python, and its dynamic graph fails in ONNX Runtime at any other size')
+    if args.exporter is None:
+        args.exporter = 'dynamo' if args.dynamic else 'torchscript'
+        if args.dynamic:
+            print('pytorch2onnx: --dynamic: using the dynamo exporter (the TorchScript '
+                  "exporter's dynamic graph fails in ONNX Runtime at other sizes)")
+    try:
+        check_output_path(args.out, [args.config, args.checkpoint, *args.verify],
+                          args.force)
+    except ExportError as err:
+        p.error(str(err))
     import mmcv
     module = load(args.config, args.checkpoint)
-    export(module, args.out, args.shape, args.dynamic, args.exporter, args.opset)
+    try:
+        export(module, args.out, args.shape, args.dynamic, args.exporter, args.opset)
+    except ExportError as err:  # --shape too small for the model
+        p.error(str(err))
     print(f'wrote {args.out} ({args.exporter} exporter, '
           f"{'dynamic' if args.dynamic else 'static'} shape {tuple(args.shape)})")
     if not args.verify:

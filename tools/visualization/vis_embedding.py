@@ -100,15 +100,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from matplotlib.lines import Line2D
 
     import mmseg_proto  # noqa: F401
+    from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
     from mmseg_proto.visualization import (class_indices, collect_embeddings,
                                            load_model, proto_head, reduce_2d)
 
-    model = load_model(args.config, args.checkpoint, device=args.device)
-    head = proto_head(model)
-    classes, palette = (model.dataset_meta['classes'],
-                        model.dataset_meta['palette'])
-    ids = class_indices(args.classes, classes)
-    dataset = build_val_dataset(model.cfg)
+    with mmseg_proto_config_scope():  # configs may inherit mmseg_proto::
+        model = load_model(args.config, args.checkpoint, device=args.device)
+        head = proto_head(model)
+        classes, palette = (model.dataset_meta['classes'],
+                            model.dataset_meta['palette'])
+        ids = class_indices(args.classes, classes)
+        dataset = build_val_dataset(model.cfg)
 
     # (title, points (N, 2), labels (N,), prototypes (M, 2) or None, ...)
     panels: List[tuple] = []
@@ -123,8 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    proto_labels))
     del model
     if args.parametric_config:
-        param = load_model(args.parametric_config, args.parametric_checkpoint,
-                           device=args.device)
+        with mmseg_proto_config_scope():
+            param = load_model(args.parametric_config,
+                               args.parametric_checkpoint, device=args.device)
         if list(param.dataset_meta['classes']) != list(classes):
             raise ValueError('The two models have different classes: '
                              f"{param.dataset_meta['classes']} vs {classes}")

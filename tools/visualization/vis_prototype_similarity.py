@@ -200,8 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f'error: no such file: {path}', file=sys.stderr)
             return 2
     import mmseg_proto  # noqa: F401
+    from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
     from mmseg_proto.visualization import load_model, proto_head
-    model = load_model(args.config, args.checkpoint, device=args.device)
+    with mmseg_proto_config_scope():  # the config may inherit mmseg_proto::
+        model = load_model(args.config, args.checkpoint, device=args.device)
     proto_head(model)  # fail early on a parametric model
     os.makedirs(args.out_dir, exist_ok=True)
     for path in args.images:

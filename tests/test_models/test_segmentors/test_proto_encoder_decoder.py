@@ -1,6 +1,8 @@
 """ProtoEncoderDecoder: the per-pixel anomaly map through MMSeg's inference APIs (whole and
 slide inference), its shape, range and alignment with the image, and that an injected
-out-of-distribution patch scores higher than the scene around it on a briefly trained model."""
+out-of-distribution patch scores higher than the scene around it on a briefly trained model.
+Under test-time augmentation (flip): ProtoSegTTAModel averages the passes' maps (flipped back);
+MMSeg's SegTTAModel, which would keep the last pass's map only, gets none, with a warning."""
 import glob
 import os.path as osp
 
@@ -109,3 +111,80 @@ def test_anomaly_map_needs_a_prototype_head():
     cfg.model.type, cfg.model.anomaly_map = 'ProtoEncoderDecoder', True
     with pytest.raises(TypeError, match="anomaly_map=True needs a prototype decode head"):
         MODELS.build(cfg.model)
+
+
+def tta_model(checkpoint, tta_type, anomaly_map=True):
+    """A test-time augmentation model around the CamVid ProtoSeg, built as MMSeg's
+    ``tools/test.py --tta`` builds it (``tta_model.module = model``)."""
+    from mmengine.runner import load_checkpoint
+    from mmseg.registry import MODELS
+    cfg = Config.fromfile(PROTO_CFG)
+    if anomaly_map:
+        cfg.merge_from_dict(ANOMALY)
+    model = MODELS.build(dict(type=tta_type, module=cfg.model))
+    load_checkpoint(model.module, checkpoint, map_location='cpu')
+    model.module.cfg = cfg  # what mmseg.apis.inference_model reads the test pipeline from
+    return model.eval()
+
+
+def tta_batch(path):
+    """The image through the test pipeline's resize, then unflipped and flipped (MMSeg's
+    TTA pipeline with one scale)."""
+    from mmengine.dataset import Compose, pseudo_collate
+    cfg = Config.fromfile(PROTO_CFG)
+    resize = [t for t in cfg.test_pipeline if t['type'] == 'Resize']
+    pipeline = Compose([
+        dict(type='LoadImageFromFile'),
+        dict(type='TestTimeAug', transforms=[
+            resize,
+            [dict(type='RandomFlip', prob=0., direction='horizontal'),
+             dict(type='RandomFlip', prob=1., direction='horizontal')],
+            [dict(type='PackSegInputs')]])])
+    return pseudo_collate([pipeline(dict(img_path=path))])
+
+
+def test_tta_averages_the_anomaly_maps_of_the_passes(checkpoint):
+    import torch.nn.functional as F
+    from mmseg.apis import inference_model
+    model = tta_model(checkpoint, 'ProtoSegTTAModel')
+    data = tta_batch(VAL_IMAGES[0])
+    with torch.no_grad():
+        (merged, ) = model.test_step(data)
+    # Independently of the post-processing: per pass, 1 - max cosine at feature resolution,
+    # resized to the input then to the original size, flipped back; then the mean.
+    module = model.module
+    h, w = mmcv.imread(VAL_IMAGES[0]).shape[:2]
+    maps = []
+    for i, flipped in enumerate((False, True)):
+        aug = dict(inputs=data['inputs'][i], data_samples=data['data_samples'][i])
+        assert aug['data_samples'][0].flip == flipped
+        x = module.data_preprocessor(aug, False)['inputs']
+        with torch.no_grad():
+            scores = module.decode_head._class_scores(module.extract_feat(x))
+        amap = (1.0 - scores.amax(dim=-1))[:, None]
+        amap = F.interpolate(amap, size=x.shape[2:], mode='bilinear', align_corners=False)
+        amap = F.interpolate(amap, size=(h, w), mode='bilinear', align_corners=False)[0]
+        maps.append(amap.flip(-1) if flipped else amap)
+    assert (maps[0] - maps[1]).abs().max() > 1e-3  # the passes differ: the mean matters
+    assert merged.anomaly_map.data.shape == (1, h, w)
+    torch.testing.assert_close(merged.anomaly_map.data, (maps[0] + maps[1]) / 2,
+                               atol=1e-5, rtol=1e-5)
+    # The prediction is MMSeg's merge, as without the anomaly map.
+    plain = tta_model(checkpoint, 'SegTTAModel', anomaly_map=False)
+    with torch.no_grad():
+        (expected, ) = plain.test_step(tta_batch(VAL_IMAGES[0]))
+    assert 'anomaly_map' not in expected
+    assert torch.equal(merged.pred_sem_seg.data, expected.pred_sem_seg.data)
+    # Plain inference with the same segmentor afterwards: its own map again.
+    single = inference_model(module, VAL_IMAGES[0])
+    torch.testing.assert_close(single.anomaly_map.data, maps[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mmseg_tta_gets_no_anomaly_map_and_a_warning(checkpoint):
+    model = tta_model(checkpoint, 'SegTTAModel')
+    with pytest.warns(UserWarning, match=r"no anomaly_map for a test-time flip pass.*"
+                                         r"tta_model = dict\(type='ProtoSegTTAModel'\)"):
+        with torch.no_grad():
+            (result, ) = model.test_step(tta_batch(VAL_IMAGES[0]))
+    assert 'anomaly_map' not in result
+    assert result.pred_sem_seg.data.shape == (1, *mmcv.imread(VAL_IMAGES[0]).shape[:2])
