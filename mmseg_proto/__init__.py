@@ -1,7 +1,7 @@
 """mmseg_proto: ProtoSeg (CVPR 2022) as an MMSegmentation 1.x plugin.
 
-Importing the package registers, in MMSeg's registries, ``ProtoHead`` and
-``ProtoEncoderDecoder`` (MODELS), ``PixelPrototypeContrastLoss`` and ``PixelPrototypeDistanceLoss``
+Importing the package registers, in MMSeg's registries, ``ProtoHead``,
+``ProtoEncoderDecoder`` and ``ProtoSegTTAModel`` (MODELS), ``PixelPrototypeContrastLoss`` and ``PixelPrototypeDistanceLoss``
 (MODELS), ``HRNetRefAlign`` (MODELS, the authors' HRNet variant for their
 checkpoint), ``PrototypeUpdateHook`` (HOOKS), ``CamVidDataset`` (DATASETS) and
 ``IgnoreClasses`` (TRANSFORMS),
@@ -25,6 +25,6 @@ from .engine import *  # noqa: E402,F401,F403
 from .models import *  # noqa: E402,F401,F403
 
 __all__ = ["__version__", "CamVidDataset", "IgnoreClasses", "ProtoHead",
-           "ProtoEncoderDecoder", "HRNetRefAlign",
+           "ProtoEncoderDecoder", "ProtoSegTTAModel", "HRNetRefAlign",
            "PixelPrototypeContrastLoss", "PixelPrototypeDistanceLoss",
            "PrototypeUpdateHook", "sinkhorn_knopp"]

@@ -1,3 +1,3 @@
-from .proto_encoder_decoder import ProtoEncoderDecoder
+from .proto_encoder_decoder import ProtoEncoderDecoder, ProtoSegTTAModel
 
-__all__ = ['ProtoEncoderDecoder']
+__all__ = ['ProtoEncoderDecoder', 'ProtoSegTTAModel']
