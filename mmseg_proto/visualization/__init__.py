@@ -10,3 +10,12 @@ __all__ = [
     'preprocess_image', 'proto_head', 'prototype_similarity', 'reduce_2d',
     'tsne_2d'
 ]
+# Case-based explanations (tools/analysis_tools/prototype_report.py, explain_pixel.py).
+from .prototype_gallery import (PixelExplanation, PrototypeGallery, TopN,  # noqa: E402
+                                build_gallery, build_split_dataset, explain_pixel,
+                                load_gallery, save_gallery, write_report_html)
+
+__all__ += [
+    'PixelExplanation', 'PrototypeGallery', 'TopN', 'build_gallery', 'build_split_dataset',
+    'explain_pixel', 'load_gallery', 'save_gallery', 'write_report_html'
+]
