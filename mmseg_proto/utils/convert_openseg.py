@@ -190,10 +190,12 @@ def convert_openseg_protoseg(
         ConversionResult: The state dict and a record of the conversion.
 
     Raises:
-        OpensegConversionError: On keys no rule maps, a ``proj_head.mlp2``
+        OpensegConversionError: On an mmengine checkpoint (which needs no
+            conversion), keys no rule maps, a ``proj_head.mlp2``
             alias that differs from ``proj_head.proj``, or (with
             ``target_shapes``) shapes or keys that do not fit the model.
     """
+    _refuse_mmengine_checkpoint(checkpoint, 'the checkpoint')
     state = _unwrap(checkpoint)
     dropped = _check_alias(state)
     result = ConversionResult(
@@ -312,30 +314,81 @@ def _dataset_meta(config: str) -> Optional[Dict[str, Any]]:
     return {k: list(meta[k]) for k in ('classes', 'palette') if k in meta}
 
 
+def _mmengine_checkpoint_reason(checkpoint: Any) -> Optional[str]:
+    """Why ``checkpoint`` is an mmengine (MMSeg) checkpoint, else None."""
+    if not isinstance(checkpoint, Mapping):
+        return None
+    meta = checkpoint.get('meta')
+    if 'message_hub' in checkpoint:
+        return 'it holds a message_hub (written by an mmengine Runner)'
+    if isinstance(meta, Mapping) and 'mmengine_version' in meta:
+        return f"its meta names mmengine {meta['mmengine_version']}"
+    if isinstance(meta, Mapping) and meta.get('converter') == \
+            'mmseg_proto.utils.convert_openseg':
+        return 'this converter wrote it'
+    state = checkpoint.get('state_dict', checkpoint)
+    prefixes = ('decode_head.', 'module.decode_head.')
+    if isinstance(state, Mapping) and any(
+            isinstance(key, str) and key.startswith(prefixes)
+            for key in state):
+        return "its state dict has MMSeg's decode_head.* keys"
+    return None
+
+
+def _refuse_mmengine_checkpoint(checkpoint: Any, name: str) -> None:
+    """Raise if ``checkpoint`` is an mmengine checkpoint (nothing to convert).
+
+    Args:
+        checkpoint (Any): The loaded checkpoint.
+        name (str): How the message names it.
+    """
+    reason = _mmengine_checkpoint_reason(checkpoint)
+    if reason is not None:
+        raise OpensegConversionError(
+            f"{name} is an mmengine checkpoint, not the authors' release "
+            f'({reason}): it needs no conversion; load it directly '
+            '(load_from=..., or the checkpoint argument of mim test / '
+            'tools/test.py)')
+
+
 def load_openseg_checkpoint(path: str,
                             trust_pickle: bool = False) -> Mapping[str, Any]:
-    """Load a checkpoint file on CPU.
+    """Load a checkpoint file on CPU, through the package's safe loader.
 
     Args:
         path (str): The ``.pth`` file.
-        trust_pickle (bool): Allow arbitrary pickled objects (``torch.load``
-            with ``weights_only=False``). Only for files you trust.
+        trust_pickle (bool): If the safe loader refuses objects in the file,
+            load it with ``torch.load(weights_only=False)``, which runs
+            whatever the file names. Only for files you trust.
             Default: False.
 
     Returns:
         Mapping: The loaded object.
+
+    Raises:
+        FileNotFoundError: No such file.
+        OpensegConversionError: Not a readable checkpoint, an mmengine
+            checkpoint rather than the authors' release, or (without
+            ``trust_pickle``) a file holding objects the loader refuses.
     """
+    from .checkpoint_loading import (CheckpointRefusedError,
+                                     UnreadableCheckpointError,
+                                     load_checkpoint_file)
     if not osp.isfile(path):
         raise FileNotFoundError(f'no checkpoint file at {path}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # UnpicklingError for non-tensor objects
+        checkpoint = load_checkpoint_file(path, map_location='cpu')
+    except UnreadableCheckpointError as err:
+        raise OpensegConversionError(str(err)) from None
+    except CheckpointRefusedError as err:
         if not trust_pickle:
             raise OpensegConversionError(
-                f'{path} holds objects that torch.load refuses with '
-                f'weights_only=True ({type(err).__name__}: {err}). If you '
-                'trust the file, rerun with --trust-pickle') from err
-    return torch.load(path, map_location='cpu', weights_only=False)
+                f'{err} --trust-pickle loads it with torch.load('
+                'weights_only=False): use it only for a file you '
+                'trust') from None
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    _refuse_mmengine_checkpoint(checkpoint, path)
+    return checkpoint
 
 
 def convert_file(src: str,

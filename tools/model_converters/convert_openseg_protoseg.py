@@ -6,7 +6,10 @@ Usage::
     python tools/model_converters/convert_openseg_protoseg.py \
         hrnet_w48_proto_lr1x_hrnet_proto_80k_latest.pth converted.pth
 
-The mapping lives in :mod:`mmseg_proto.utils.convert_openseg`.
+The mapping lives in :mod:`mmseg_proto.utils.convert_openseg`. SRC is loaded
+through the package's safe loader (:mod:`mmseg_proto.utils.checkpoint_loading`):
+a file that is not a checkpoint, or an mmengine checkpoint (which needs no
+conversion), is named as such.
 """
 import argparse
 import sys
@@ -31,8 +34,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         '--trust-pickle',
         action='store_true',
-        help='load SRC with torch.load(weights_only=False) if it holds '
-        'non-tensor objects; only for files you trust')
+        help="if the package's safe loader refuses objects in SRC, load it "
+        'with torch.load(weights_only=False), which runs whatever the file '
+        'names; only for files you trust')
     return parser.parse_args()
 
 
