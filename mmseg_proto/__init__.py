@@ -9,12 +9,10 @@ and makes mmengine's checkpoint loader admit, during each load only, the numeric
 and HistoryBuffer data mmengine checkpoints hold, so that torch >= 2.6 loads them (see
 :mod:`mmseg_proto.utils.checkpoint_loading`; plain ``torch.load`` is left as torch has it).
 """
-from .utils.stack_check import (check_mmseg_stack,
-                                resolve_mmseg_scope_to_installed_distribution)
+from .utils.stack_check import check_mmseg_stack
 from .version import __version__
 
 check_mmseg_stack()
-resolve_mmseg_scope_to_installed_distribution()
 
 from .utils.checkpoint_loading import register_checkpoint_loader  # noqa: E402
 

@@ -5,8 +5,8 @@ Configs may inherit ours from an installed mmseg_proto through ``mmseg_proto::``
 
 MMSeg's own tool parses a config (and resolves its ``mmseg::`` bases) before the config's
 ``custom_imports`` run. With OpenMMLab's ``mmsegmentation`` that is fine; with the OneDL line
-(``onedl-mmsegmentation``) mmengine cannot resolve ``mmseg::`` unless mmseg_proto has been
-imported first (see :func:`mmseg_proto.utils.stack_check.resolve_mmseg_scope_to_installed_distribution`).
+(``onedl-mmsegmentation``) mmengine cannot resolve ``mmseg::`` outside our config scope
+(:func:`mmseg_proto.utils.config_scope.mmseg_proto_config_scope`, which this tool enters).
 Same arguments as MMSeg's tool::
 
     python -m mmseg_proto.tools.test CONFIG CHECKPOINT [--tta] [--work-dir DIR] ...

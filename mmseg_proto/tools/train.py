@@ -1,5 +1,8 @@
 """Train a segmentor, on one or many processes, including CPU-only hosts.
 
+In the package because ``python -m mmseg_proto.tools.train`` and ``mim train mmseg_proto``
+run it from an installed package, where no tools/ folder is on the path.
+
 Behaves like MMSeg's ``tools/train.py`` (same arguments: ``--work-dir``,
 ``--resume``, ``--amp``, ``--cfg-options``, ``--launcher``) and adds what
 multi-process training on CPU needs, which mmengine 0.10's ``pytorch``

@@ -10,7 +10,9 @@ mmseg_proto.tools.train``/``test`` (``mim train mmseg_proto``/``mim test mmseg_p
 them) and every shipped tool that reads a config (``tools/analysis_tools/count_params.py``,
 ``prototype_health.py``, ``tools/deployment/pytorch2onnx.py`` through
 :func:`mmseg_proto.utils.onnx_export.load`, ``tools/visualization/vis_embedding.py``,
-``vis_prototype_similarity.py``). Importing mmseg_proto does not change mmengine's table, and
+``vis_prototype_similarity.py``). On the OneDL line the block also points mmengine's ``mmseg``
+entry at ``onedl-mmsegmentation`` (which has no distribution called ``mmsegmentation``) and
+puts it back afterwards. Importing mmseg_proto does not change mmengine's table, and
 MMSeg's own tools parse a config before its ``custom_imports`` run, so through them
 ``mmseg_proto::`` cannot work (docs/deployment.md, "Configs from an installed package").
 """
@@ -26,9 +28,12 @@ DISTRIBUTION = 'mmseg_proto'
 def mmseg_proto_config_scope() -> Iterator[None]:
     """Inside the block, mmengine resolves ``mmseg_proto::`` to the installed package.
 
-    Leaves an entry that is already there untouched; removes only what it added.
+    Leaves an entry that is already there untouched; removes only what it added, and
+    restores the ``mmseg`` entry if it pointed it at a OneDL distribution.
     """
     from mmengine.config import utils as config_utils
+
+    from .stack_check import resolve_mmseg_scope_to_installed_distribution
     # The table's name in mmengine 0.10 (and its older alias); without one, a no-op.
     table = getattr(config_utils, 'MODULE2PACKAGE', None) or getattr(
         config_utils, 'PKG2PROJECT', None)
@@ -38,8 +43,12 @@ def mmseg_proto_config_scope() -> Iterator[None]:
     added = SCOPE not in table
     if added:
         table[SCOPE] = DISTRIBUTION
+    mmseg_entry = table.get('mmseg')
+    replaced = resolve_mmseg_scope_to_installed_distribution() is not None
     try:
         yield
     finally:
         if added:
             table.pop(SCOPE, None)
+        if replaced:
+            table['mmseg'] = mmseg_entry

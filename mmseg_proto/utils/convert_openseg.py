@@ -1,5 +1,8 @@
 """Convert the ProtoSeg authors' openseg checkpoints to MMSeg checkpoints.
 
+In the package, not only in tools/, because the converter tool of an installed package
+(``mmseg_proto/.mim/tools``) and the tests import it.
+
 The authors (tfzhou/ProtoSeg) released one model, HRNet-W48 on Cityscapes
 (``hrnet_w48_proto_lr1x_hrnet_proto_80k_latest.pth``), saved by their
 openseg-based code. This module maps its state dict onto the model of

@@ -127,24 +127,25 @@ def module_version(module: str) -> Tuple[Optional[str], str]:
     return (None if version is None else str(version)), origin
 
 
-def resolve_mmseg_scope_to_installed_distribution() -> None:
+def resolve_mmseg_scope_to_installed_distribution() -> Optional[str]:
     """Let mmengine's ``mmseg::`` config references find a OneDL install.
 
     mmengine resolves ``_base_ = ['mmseg::...']`` through the *distribution* name
     ``mmsegmentation`` (``MODULE2PACKAGE``), which OneDL's ``onedl-mmsegmentation`` does not
     have, so such configs fail with "mmsegmentation is not installed". When ``mmseg`` comes
     from a distribution of another name and none called ``mmsegmentation`` is installed, this
-    points the ``mmseg`` entry at that distribution. Configs are parsed before their
-    ``custom_imports`` run, so this helps what imports mmseg_proto first (our tools, tests,
-    Python code); see README "Install into an existing MMSeg stack".
+    points the ``mmseg`` entry at that distribution and returns the entry it replaced (None
+    when it changed nothing). Called only inside :func:`mmseg_proto_config_scope`, which puts
+    the entry back afterwards (docs/install.md, "Install into an existing MMSeg stack").
     """
     from mmengine.config import utils as config_utils
     table = getattr(config_utils, 'MODULE2PACKAGE', None) or getattr(
         config_utils, 'PKG2PROJECT', None)
     dists = module_distributions('mmseg')
     if table is None or table.get('mmseg') in dists or len(dists) != 1:
-        return
-    table['mmseg'] = dists[0]
+        return None
+    replaced, table['mmseg'] = table.get('mmseg'), dists[0]
+    return replaced
 
 
 def check_mmseg_stack() -> None:

@@ -46,3 +46,38 @@ def test_the_scope_registry_finds_mmseg_and_our_classes():
                              channels=4, num_convs=0, concat_input=False, num_classes=3))
     assert type(head).__name__ == 'FCNHead'
 
+
+
+def test_onedl_mmseg_entry_is_scoped(monkeypatch):
+    """On the OneDL line the scope points `mmseg` at onedl-mmsegmentation and puts it back."""
+    from mmengine.config import utils as config_utils
+
+    from mmseg_proto.utils import stack_check
+    from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
+    table = getattr(config_utils, 'MODULE2PACKAGE', None) or config_utils.PKG2PROJECT
+    monkeypatch.setitem(table, 'mmseg', 'mmsegmentation')
+    monkeypatch.setattr(stack_check, 'module_distributions',
+                        lambda module: ['onedl-mmsegmentation'])
+    with mmseg_proto_config_scope():
+        assert table['mmseg'] == 'onedl-mmsegmentation'
+    assert table['mmseg'] == 'mmsegmentation'
+
+
+def test_importing_the_package_changes_nothing_process_wide():
+    """Importing mmseg_proto registers modules and the checkpoint loader, nothing else:
+    mmengine's scope table, torch's weights-only allow-list and the environment are as
+    MMSeg's own imports leave them."""
+    import subprocess
+    import sys
+    code = (
+        # What MMSeg itself changes when imported is not ours: import it first.
+        'import os, torch, mmengine.config.utils as u, mmengine.runner, mmseg.apis\n'
+        'import mmseg.models, mmseg.datasets, mmseg.engine, mmseg.evaluation\n'
+        'table = getattr(u, "MODULE2PACKAGE", None) or u.PKG2PROJECT\n'
+        'before = (dict(table), list(torch.serialization.get_safe_globals()), dict(os.environ))\n'
+        'import mmseg_proto\n'
+        'after = (dict(table), list(torch.serialization.get_safe_globals()), dict(os.environ))\n'
+        'assert before == after, [b == a for b, a in zip(before, after)]\n'
+        'print("unchanged")\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0 and 'unchanged' in out.stdout, out.stderr[-2000:]
