@@ -18,6 +18,11 @@ of repeated runs. Prints Markdown tables:
    ``train_step`` around it), beside eager, with the number of graphs and graph breaks
    ``torch._dynamo.explain`` finds in each head's loss.
 
+``--compare-fused`` measures only whether the fused PPC/PPD path earns its place: the whole
+training step of the parametric baseline and of ProtoSeg with ``fused_losses=True`` and
+``False`` (same weights, same batch), alternating in one run, and the share of the unfused
+step the fused path saves.
+
 CPU memory allocator: every fresh (pixels x C*K) or label-sized tensor costs its page
 faults with glibc's default malloc, which returns large blocks to the OS on free.
 ``--allocator cached`` (default) re-runs the script with glibc told to keep freed memory
@@ -29,6 +34,7 @@ cached by PyTorch).
 Runs on a GPU unchanged (device chosen automatically; --device to force).
 
     python benchmarks/bench_protoseg_perf.py [--channels 256 768] [--repeats 9] [--compile]
+    python benchmarks/bench_protoseg_perf.py --channels 256 --repeats 5 --compare-fused
 """
 import argparse
 import os
@@ -47,6 +53,7 @@ from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
 import mmseg_proto  # noqa: F401
+from mmseg_proto.models.utils import PrototypeBank
 
 BASE = osp.join(osp.dirname(mmseg.__file__), '.mim', 'configs', 'segformer',
                 'segformer_mit-b2_8xb2-160k_ade20k-512x512.py')
@@ -58,7 +65,7 @@ CACHED_MALLOC = dict(MALLOC_MMAP_MAX_='0',
                      MALLOC_TRIM_THRESHOLD_=str(1 << 40))
 
 
-def build(channels: int, proto: bool, k: int, device):
+def build(channels: int, proto: bool, k: int, device, fused: bool = True):
     cfg = Config.fromfile(BASE)
     model_cfg = cfg.model
     model_cfg.backbone.init_cfg = None
@@ -72,7 +79,7 @@ def build(channels: int, proto: bool, k: int, device):
             decoder.pop(key, None)
         model_cfg.decode_head = dict(
             type='ProtoHead', num_classes=head.num_classes, decoder=decoder,
-            num_prototypes=k)
+            num_prototypes=k, fused_losses=fused)
     model = revert_sync_batchnorm(MODELS.build(model_cfg)).to(device)
     return model
 
@@ -96,9 +103,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def proto_heads(model):
-    return [m for m in model.modules()
-            if isinstance(m, mmseg_proto.ProtoHead)]
+def update_prototypes(model):
+    """What PrototypeUpdateHook does after an optimizer step (one process)."""
+    for bank in model.modules():
+        if isinstance(bank, PrototypeBank):
+            bank.accumulate()
+            bank.apply()
 
 
 def train_step(model, optim, imgs, samples):
@@ -107,9 +117,7 @@ def train_step(model, optim, imgs, samples):
     optim.zero_grad(set_to_none=True)
     loss.backward()
     optim.step()
-    for head in proto_heads(model):  # what PrototypeUpdateHook does
-        stats = head.take_statistics()
-        head.update_prototypes(stats.sums, stats.counts)
+    update_prototypes(model)
 
 
 @torch.no_grad()
@@ -124,9 +132,7 @@ def head_train_step(model, feats, samples):
                        model.train_cfg)
     loss, _ = model.parse_losses(losses)
     loss.backward()
-    for h in proto_heads(model):
-        stats = h.take_statistics()
-        h.update_prototypes(stats.sums, stats.counts)
+    update_prototypes(model)
     model.zero_grad(set_to_none=True)
 
 
@@ -142,8 +148,9 @@ def graph_breaks(model, feats, samples):
     head = model.decode_head
     explained = torch._dynamo.explain(head.loss)(feats, samples,
                                                  model.train_cfg)
-    for h in proto_heads(model):
-        h.take_statistics()
+    for bank in model.modules():
+        if isinstance(bank, PrototypeBank):
+            bank.discard()
     return explained.graph_count, explained.graph_break_count
 
 
@@ -241,6 +248,25 @@ def alternate(fns, repeats, device):
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def fused_row(ch, args, device):
+    """Whole training step: parametric, ProtoSeg fused and unfused, one run, alternating."""
+    models = {}
+    for name, proto, fused in (('base', False, True), ('fused', True, True),
+                               ('unfused', True, False)):
+        torch.manual_seed(0)  # the same initial weights for both ProtoSeg models
+        models[name] = build(ch, proto, args.k, device, fused=fused).train()
+    assert models['fused'].decode_head.scorer.path == 'fused'
+    assert models['unfused'].decode_head.scorer.path == 'eager'
+    optims = {n: torch.optim.AdamW(m.parameters(), lr=6e-5) for n, m in models.items()}
+    imgs, samples = batch(args.batch, args.size, 150, device)
+    t = alternate({n: (lambda m=m, n=n: train_step(m, optims[n], imgs, samples))
+                   for n, m in models.items()}, args.repeats, device)
+    saved = t['unfused'] - t['fused']
+    return (f"| {ch} | {t['base']:.3f} | {t['fused']:.3f} | {t['unfused']:.3f} | "
+            f"{t['fused'] / t['base']:.2f} / {t['unfused'] / t['base']:.2f} | "
+            f"{saved:.3f} | {100 * saved / t['unfused']:.0f}% |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--channels', type=int, nargs='+', default=[256, 768],
@@ -258,6 +284,9 @@ def main():
                    else 'cpu')
     p.add_argument('--compile', action='store_true',
                    help='also time the heads with torch.compile (table 4)')
+    p.add_argument('--compare-fused', action='store_true',
+                   help='only the whole training step: parametric, ProtoSeg with '
+                   'fused_losses=True and False, in one run (see above)')
     args = p.parse_args()
     if args.allocator == 'cached' and sys.platform.startswith('linux') and \
             any(os.environ.get(k) != v for k, v in CACHED_MALLOC.items()):
@@ -271,6 +300,14 @@ def main():
           f'MiT-B2, 150 classes, K={args.k}, batch {args.batch}, '
           f'{args.size}x{args.size}, allocator {args.allocator}, median of '
           f'{args.repeats} training steps / {args.infer_repeats} inferences')
+    if args.compare_fused:
+        rows = [fused_row(ch, args, device) for ch in args.channels]
+        print('\n| decoder width | train base (s) | train ProtoSeg fused (s) | '
+              'train ProtoSeg unfused (s) | ratio to base, fused / unfused | '
+              'fused saves (s) | share of the unfused step |')
+        print('|' + '---|' * 7)
+        print('\n'.join(rows))
+        return
     rows, prof_rows, head_rows, compile_rows = [], [], [], []
     sizes = {150 * args.k, 150}
     for ch in args.channels:

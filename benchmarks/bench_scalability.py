@@ -69,8 +69,8 @@ def run_case(kind, c, k, channels, size, batch, repeats, device_name,
         losses = head.loss(feats, samples, None)
         sum(v for n, v in losses.items() if n.startswith('loss')).backward()
         if kind == 'protoseg':
-            stats = head.take_statistics()
-            head.update_prototypes(stats.sums, stats.counts)
+            head.bank.accumulate()  # what PrototypeUpdateHook does
+            head.bank.apply()
 
     @torch.no_grad()
     def infer():

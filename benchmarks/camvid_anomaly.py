@@ -59,7 +59,6 @@ def _outputs(model, item, size):
     embeddings (h*w, D) of ProtoSeg (None for the parametric model)."""
     import torch
     import torch.nn.functional as F
-    from mmseg_proto.models.utils.prototype_index import prototype_matrix
     data = model.data_preprocessor(dict(inputs=[item['inputs']],
                                         data_samples=[item['data_samples']]), False)
     with torch.no_grad():
@@ -70,10 +69,9 @@ def _outputs(model, item, size):
         if not hasattr(head, 'prototypes'):
             return up(logits), None, None, None
         emb = head.embed(feats)  # (1, h, w, D)
-        cos = F.linear(emb, prototype_matrix(head.prototypes).to(emb.dtype))  # k*C + c
-        k, c = head.num_prototypes, head.num_classes
-        cos = cos.permute(0, 3, 1, 2).float()  # (1, K*C, h, w)
-        class_cos = cos.unflatten(1, (k, c)).amax(dim=1)
+        cos = head.scorer.cosines(emb, head.prototypes).float()  # (1, h, w, C, K)
+        class_cos = cos.amax(dim=-1).permute(0, 3, 1, 2)  # (1, C, h, w)
+        cos = cos.flatten(-2).permute(0, 3, 1, 2)  # (1, C*K, h, w)
         return up(logits), up(class_cos), up(cos), emb[0]
 
 

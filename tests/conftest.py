@@ -68,6 +68,37 @@ def make_head(num_classes=4, channels=8, num_prototypes=3, **kwargs):
     return MODELS.build(cfg)
 
 
+def take_statistics(head):
+    """What the head's last ``loss`` handed its bank (sums, counts, usage), as the bank would
+    apply them on one process; the bank is left empty (the next ``loss`` may run)."""
+    from mmseg_proto.models.utils.prototype_statistics import PrototypeStatistics
+    assert head.bank.accumulate(), 'no loss since the last take'
+    stats = PrototypeStatistics.from_state_dict(head.bank.resume_state()['pending'], 'cpu')
+    head.bank.discard()
+    return stats
+
+
+def hand_ema(protos, sums, counts, momentum):
+    """p <- normalise(mu * p + (1 - mu) * normalise(sum)) where count > 0, by hand."""
+    c, k, d = protos.shape
+    out = protos.reshape(c * k, d).clone()
+    for i in range(c * k):
+        if counts[i] > 0:
+            mean = sums[i] / sums[i].norm()
+            new = momentum * out[i] + (1 - momentum) * mean
+            out[i] = new / new.norm()
+    return out.view(c, k, d)
+
+
+def tensor_values(tree, path=''):
+    """{path: values} of the tensors in nested dicts (None where there is none), to compare
+    two saved states with ``==``."""
+    if isinstance(tree, dict):
+        return {k: v for key in sorted(tree)
+                for k, v in tensor_values(tree[key], f'{path}/{key}').items()}
+    return {path: None if tree is None else tree.tolist()}
+
+
 def make_samples(labels):
     """SegDataSamples from a (B, H, W) int tensor of labels."""
     from mmengine.structures import PixelData

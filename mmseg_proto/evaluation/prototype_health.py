@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..models.utils.prototype_index import buffer_index
+from ..models.utils.prototype_scorer import PrototypeScorer
 
 
 def nearest_prototype_usage(embeddings: Tensor, labels: Tensor, prototypes: Tensor,
@@ -26,14 +27,13 @@ def nearest_prototype_usage(embeddings: Tensor, labels: Tensor, prototypes: Tens
         ignore_index (int): Label to skip. Default: 255.
         chunk (int): Pixels per block of similarities. Default: 65536.
     """
-    c, k, d = prototypes.shape
+    c, k, _ = prototypes.shape
     keep = labels != ignore_index
     emb, lab = embeddings[keep].to(prototypes.dtype), labels[keep]
-    flat = prototypes.reshape(c * k, d)
     nearest = []
     for start in range(0, len(lab), chunk):  # (chunk, C, K) similarities at a time
         part = slice(start, start + chunk)
-        sims = (emb[part] @ flat.T).view(-1, c, k)
+        sims = PrototypeScorer.cosines(emb[part], prototypes)
         own = sims[torch.arange(sims.shape[0]), lab[part]]  # (chunk, K)
         nearest.append(own.argmax(dim=1))
     index = buffer_index(lab, torch.cat(nearest) if nearest else lab, k)

@@ -228,8 +228,8 @@ def prototype_similarity(model: nn.Module, img: ImageType) -> Tensor:
     data = preprocess_image(model, img)
     inputs, sample = data['inputs'], data['data_samples'][0]
     emb = head.embed(model.extract_feat(inputs))[0]  # (h, w, D)
-    c, k, d = head.prototypes.shape
-    sims = (emb @ head.prototypes.view(c * k, d).T.to(emb.dtype))
+    c, k, _ = head.prototypes.shape
+    sims = head.scorer.cosines(emb, head.prototypes).flatten(-2)  # (h, w, C*K)
     sims = sims.permute(2, 0, 1)[None].float()  # (1, C*K, h, w)
     sims = F.interpolate(sims, size=inputs.shape[-2:], mode='bilinear',
                          align_corners=head.align_corners)

@@ -1,39 +1,16 @@
-"""PrototypeUpdateHook: the momentum update computed by hand, once per optimizer step."""
-import re
+"""PrototypeUpdateHook: when the banks update (once per optimizer step, from the statistics of
+all its iterations, summed over processes), re-seeding windows, and the resume state it saves
+and restores. The bank's own arithmetic is tested in test_models/test_utils/test_prototype_bank.py."""
 import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_head, make_samples
+from conftest import hand_ema, make_head, make_samples, tensor_values
 from mmengine.logging import MMLogger, MessageHub
 from mmengine.optim import OptimWrapper
 
 from mmseg_proto.engine.hooks import PrototypeUpdateHook
-
-
-def hand_ema(protos, sums, counts, momentum):
-    """p <- normalise(mu * p + (1 - mu) * normalise(sum)) where count > 0, by hand."""
-    c, k, d = protos.shape
-    out = protos.reshape(c * k, d).clone()
-    for i in range(c * k):
-        if counts[i] > 0:
-            mean = sums[i] / sums[i].norm()
-            new = momentum * out[i] + (1 - momentum) * mean
-            out[i] = new / new.norm()
-    return out.view(c, k, d)
-
-
-def test_ema_direction_at_momentum_0_9():
-    head = make_head(num_classes=2, channels=2, num_prototypes=2, momentum=0.9)
-    with torch.no_grad():
-        head.prototypes.copy_(torch.tensor([[[1., 0.], [0., 1.]], [[-1., 0.], [0., -1.]]]))
-    sums = torch.zeros(4, 2)
-    sums[0] = torch.tensor([0., 3.])
-    head.update_prototypes(sums, torch.tensor([3., 0., 0., 0.]))
-    # 0.9 * (1, 0) + 0.1 * (0, 1), renormalised: the old prototype dominates.
-    expected = torch.tensor([0.9, 0.1]) / (0.82**0.5)
-    torch.testing.assert_close(head.prototypes[0, 0], expected)
 
 
 def fake_runner(head, accumulative_counts):
@@ -64,7 +41,7 @@ def test_accumulated_iterations_give_one_update_from_their_summed_statistics():
         # step's update needs the statistics (sums and counts) of both.
         labels = torch.randint(0, 2, (2, 6, 5), generator=g) * (1 + it)
         losses = head.loss(x, make_samples(labels), None)
-        stats.append((head._statistics.sums.clone(), head._statistics.counts.clone()))
+        stats.append((head.bank.batch.sums.clone(), head.bank.batch.counts.clone()))
         runner.iter = it
         runner.optim_wrapper.update_params(
             sum(v for k, v in losses.items() if k.startswith('loss')) + param.sum())
@@ -93,46 +70,11 @@ def test_without_accumulation_every_iteration_updates():
     labels = torch.randint(0, 3, (2, 6, 5), generator=g)
     start = head.prototypes.clone()
     losses = head.loss(x, make_samples(labels), None)
-    sums, counts = (head._statistics.sums.clone(), head._statistics.counts.clone())
+    sums, counts = (head.bank.batch.sums.clone(), head.bank.batch.counts.clone())
     runner.optim_wrapper.update_params(losses['loss_ce'] + param.sum())
     hook.after_train_iter(runner, 0)
     torch.testing.assert_close(head.prototypes, hand_ema(start, sums, counts, 0.7))
     assert counts.sum() > 0
-
-
-def test_reseed_moves_the_least_used_prototype_onto_the_outliers_only():
-    head = make_head(num_classes=2, channels=4, num_prototypes=3)
-    start = head.prototypes.clone()
-    # Class 0: prototype 2 never nearest; class 1: all used (>= 1%).
-    nearest = torch.tensor([60., 40., 0., 30., 30., 40.])
-    outlier_sums = torch.tensor([[0., 3., 4., 0.], [1., 1., 1., 1.]])
-    reseeded = head.reseed_prototypes(nearest, outlier_sums, torch.tensor([5., 5.]), 0.01)
-    assert reseeded == [(0, 2)]
-    torch.testing.assert_close(head.prototypes[0, 2], torch.tensor([0., 0.6, 0.8, 0.]))
-    mask = torch.ones(2, 3, dtype=torch.bool)
-    mask[0, 2] = False
-    assert torch.equal(head.prototypes[mask], start[mask])  # the others bit-identical
-    # No outliers or no pixels of the class: nothing to re-seed from.
-    assert head.reseed_prototypes(nearest, outlier_sums, torch.tensor([0., 5.]), 0.5) == [(1, 0)]
-    assert head.reseed_prototypes(torch.zeros(6), outlier_sums, torch.ones(2), 0.5) == []
-
-
-def test_usage_statistics_count_nearest_prototypes_and_weigh_by_distance():
-    from mmseg_proto.models.utils.prototype_statistics import usage_statistics
-    labels = torch.tensor([0, 0, 0, 1])
-    own = torch.tensor([[0.9, 0.1], [0.75, 0.25], [0.25, 0.5], [0.5, 0.4]])
-    correct = torch.tensor([True, True, True, False])
-    emb = torch.tensor([[1., 0.], [2., 0.], [0., 4.]])
-    usage = usage_statistics(labels, own, correct, emb, 2, 2)
-    assert usage['nearest'].tolist() == [2., 1., 1., 0.]  # class 0: #0 twice, #1 once
-    # Weights 1 - best similarity: 0.1, 0.25, 0.5; class 1 has no correct pixel.
-    torch.testing.assert_close(usage['outlier_sums'], torch.tensor([[0.6, 2.0], [0., 0.]]))
-    torch.testing.assert_close(usage['outlier_weights'], torch.tensor([0.85, 0.]))
-    # Sums: two halves of the batch add up to the whole (split-independent).
-    halves = [usage_statistics(labels[i], own[i], correct[i], emb[j], 2, 2)
-              for i, j in ((slice(0, 2), slice(0, 2)), (slice(2, 4), slice(2, 3)))]
-    for key in usage:
-        torch.testing.assert_close(halves[0][key] + halves[1][key], usage[key])
 
 
 def test_hook_reseeds_every_interval_and_logs_it():
@@ -142,13 +84,13 @@ def test_hook_reseeds_every_interval_and_logs_it():
     runner, param = fake_runner(head, accumulative_counts=1)
     runner.train_dataloader = None
     hook.before_train(runner)
-    assert head.collect_usage
     g = torch.Generator().manual_seed(0)
     start = head.prototypes.clone()  # momentum 1: the update itself moves nothing
     for it in range(2):
         x = [torch.randn(2, 8, 6, 5, generator=g)]
         labels = torch.randint(0, 3, (2, 6, 5), generator=g)
         losses = head.loss(x, make_samples(labels), None)
+        assert head.bank.batch.usage is not None  # the hook asked for the usage
         runner.iter = it
         runner.optim_wrapper.update_params(losses['loss_ce'] + param.sum())
         hook.after_train_iter(runner, it)
@@ -159,16 +101,7 @@ def test_hook_reseeds_every_interval_and_logs_it():
     reseeded = runner.message_hub.get_scalar('train/proto_reseeded').current()
     assert reseeded == moved.sum() >= 1
     assert (moved.sum(dim=1) <= 1).all()  # at most one per class per window
-    assert hook._window == {} and hook._window_updates == 0
-
-
-def test_reseed_options_are_checked():
-    with pytest.raises(ValueError,
-                       match=r'invalid reseed_interval=-1 \(must be an integer >= 0'):
-        PrototypeUpdateHook(reseed_interval=-1)
-    with pytest.raises(ValueError,
-                       match=r'invalid reseed_min_share=0 \(must be a number in \(0, 1\]'):
-        PrototypeUpdateHook(reseed_min_share=0)
+    assert head.bank.resume_state()['window'] is None and hook.window_updates == 0
 
 
 def test_no_reseeding_in_the_last_window():
@@ -190,38 +123,6 @@ def test_no_reseeding_in_the_last_window():
         assert (moved > 0) == (it == 0)  # re-seeded after iteration 1 of 2, not after 2
 
 
-# ---------------------------------------------------------- option types --
-
-@pytest.mark.parametrize('kwargs, shown', [
-    (dict(reseed_interval=True), 'reseed_interval=True'),
-    (dict(reseed_interval=2.0), 'reseed_interval=2.0'),
-    (dict(reseed_min_share=True), 'reseed_min_share=True'),
-    (dict(reseed_min_share=float('nan')), 'reseed_min_share=nan'),
-    (dict(log_interval=2.5), 'log_interval=2.5'),
-    (dict(log_interval=True), 'log_interval=True'),
-    (dict(log_interval=None), 'log_interval=None'),
-    (dict(per_class_entropy='no'), "per_class_entropy='no'"),
-    (dict(per_class_entropy=1), 'per_class_entropy=1'),
-])
-def test_option_types_are_checked_as_protohead_does(kwargs, shown):
-    with pytest.raises(ValueError, match=r'^PrototypeUpdateHook: invalid '
-                       + re.escape(shown) + r' \(must be '):
-        PrototypeUpdateHook(**kwargs)
-
-
-def test_every_bad_option_is_named_in_one_message():
-    with pytest.raises(ValueError) as err:
-        PrototypeUpdateHook(log_interval=None, per_class_entropy='no')
-    assert str(err.value) == (
-        'PrototypeUpdateHook: invalid log_interval=None (must be an integer '
-        ">= 0; 0 disables logging); per_class_entropy='no' (must be True or "
-        'False)')
-    hook = PrototypeUpdateHook(log_interval=0, reseed_interval=3,
-                               reseed_min_share=1, per_class_entropy=False)
-    assert (hook.log_interval, hook.reseed_interval, hook.reseed_min_share,
-            hook.per_class_entropy) == (0, 3, 1.0, False)
-
-
 # ------------------------------------------------ gradient accumulation --
 
 def run_iterations(head, hook, runner, param, labels_per_iter, g):
@@ -231,8 +132,7 @@ def run_iterations(head, hook, runner, param, labels_per_iter, g):
     for it, labels in enumerate(labels_per_iter):
         x = [torch.randn(2, 8, 6, 5, generator=g)]
         losses = head.loss(x, make_samples(labels), None)
-        stats.append((head._statistics.sums.clone(),
-                      head._statistics.counts.clone()))
+        stats.append((head.bank.batch.sums.clone(), head.bank.batch.counts.clone()))
         runner.iter = it
         runner.optim_wrapper.update_params(losses['loss_ce'] + param.sum())
         hook.after_train_iter(runner, it)
@@ -264,7 +164,7 @@ def test_second_accumulated_step_is_the_ema_of_its_own_iterations_only():
     leaked = hand_ema(protos[1], sum(s for s, _ in stats),
                       sum(c for _, c in stats), 0.8)
     assert not torch.allclose(protos[3], leaked, atol=1e-3)
-    assert hook._pending == {}
+    assert head.bank.resume_state()['pending'] is None
 
 
 def reseed_run(max_iters, iters):
@@ -355,7 +255,7 @@ def rank_statistics(g, c, k, d, nan=False):
 
 def test_non_finite_statistics_on_another_process_skip_the_update_everywhere(
         monkeypatch):
-    import mmseg_proto.engine.hooks.prototype_update_hook as module
+    import mmseg_proto.models.utils.prototype_statistics as module
     c, k, d, world = 3, 2, 4, 2
     reduce = ThreadAllReduce(world)
     monkeypatch.setattr(module, 'all_reduce', reduce)
@@ -389,7 +289,7 @@ def test_non_finite_statistics_on_another_process_skip_the_update_everywhere(
             hooks[r].before_train(runners[r])
             for it in range(2):
                 runners[r].iter = it
-                heads[r]._statistics = stats[it][r]
+                heads[r].bank._batch = stats[it][r]  # what its loss would collect
                 hooks[r].after_train_iter(runners[r], it)
                 after[it][r] = heads[r].prototypes.clone()
         except Exception as e:  # noqa: BLE001 (reported below)
@@ -422,7 +322,8 @@ def test_non_finite_statistics_on_another_process_skip_the_update_everywhere(
         expected[cls, nearest[cls].argmin()] = \
             outliers[cls] / outliers[cls].norm()
     torch.testing.assert_close(after[1][0], expected)
-    assert all(h._window_updates == 0 and h._window == {} for h in hooks)
+    assert all(h.window_updates == 0 for h in hooks)
+    assert all(h.bank.resume_state()['window'] is None for h in heads)
 
 
 # ------------------------------------------------------- resume state --
@@ -465,16 +366,10 @@ def test_checkpoint_holds_window_pending_statistics_and_gradients():
     loaded = torch.load(buffer, weights_only=True)
     assert loaded['prototype_update_hook']['iter'] == 3
     head2, hook2, runner2 = resumed_hook(loaded)
-    assert hook2._window_updates == hook._window_updates == 1
-    assert hook2._window.keys() == hook._window.keys() == {0}
-    for key, value in hook._window[0].items():
-        assert torch.equal(hook2._window[0][key], value), key
-    assert hook2._pending.keys() == {0}
-    for name in ('sums', 'counts'):
-        assert torch.equal(getattr(hook2._pending[0], name),
-                           getattr(hook._pending[0], name)), name
-    for key, value in hook._pending[0].usage.items():
-        assert torch.equal(hook2._pending[0].usage[key], value), key
+    assert hook2.window_updates == hook.window_updates == 1
+    state, state2 = head.bank.resume_state(), head2.bank.resume_state()
+    assert state['window'] is not None and state['pending']['usage'] is not None
+    assert tensor_values(state2) == tensor_values(state)
     grads = {n: p.grad for n, p in runner.model.named_parameters()}
     grads2 = {n: p.grad for n, p in runner2.model.named_parameters()}
     assert grads.keys() == grads2.keys()
@@ -487,28 +382,30 @@ def test_old_checkpoints_and_load_from_restore_nothing():
     _, _, _, checkpoint = half_done_run()
     # A checkpoint written before the hook saved its state: defaults, said.
     old = {k: v for k, v in checkpoint.items() if k != 'prototype_update_hook'}
-    _, hook, runner = resumed_hook(old)
-    assert hook._window == {} and hook._pending == {}
-    assert hook._window_updates == 0
+    head, hook, runner = resumed_hook(old)
+    assert head.bank.resume_state() == dict(window=None, pending=None)
+    assert hook.window_updates == 0
     assert 'holds no re-seeding window' in runner.logger.infos[0]
     # load_from without resume (iteration 0): a new run, nothing restored.
     head, hook, runner = resumed_hook(checkpoint, iteration=0)
-    assert hook._window == {} and hook._pending == {}
+    assert head.bank.resume_state() == dict(window=None, pending=None)
     assert all(p.grad is None for p in runner.model.parameters())
 
 
 def test_pending_step_is_dropped_where_the_resumed_run_ends_a_step():
     _, _, _, checkpoint = half_done_run()
-    _, hook, runner = resumed_hook(checkpoint, accumulate=3)
-    assert hook._pending == {} and hook._window_updates == 1
+    head, hook, runner = resumed_hook(checkpoint, accumulate=3)
+    state = head.bank.resume_state()
+    assert state['pending'] is None and state['window'] is not None
+    assert hook.window_updates == 1
     assert all(p.grad is None for p in runner.model.parameters())
     assert 'dropped' in runner.logger.warnings[0]
 
 
 def test_state_that_does_not_fit_the_model_is_refused():
     _, _, _, checkpoint = half_done_run()
-    with pytest.raises(ValueError, match=r"re-seeding window .*for "
-                       r"ProtoHead 0, which needs .*'prototype_update_hook'"):
+    with pytest.raises(ValueError, match=r"does not fit ProtoHead 0 \(re-seeding window "
+                       r".*which needs .*'prototype_update_hook'"):
         resumed_hook(checkpoint, num_classes=4)
     with pytest.raises(ValueError, match=r'saved at iteration 3 but the run '
                        r'resumes at iteration 5'):
@@ -519,7 +416,7 @@ def test_state_that_does_not_fit_the_model_is_refused():
 
 
 def test_several_processes_save_no_gradients_mid_step_and_say_so(monkeypatch):
-    import mmseg_proto.engine.hooks.prototype_update_hook as module
+    import mmseg_proto.engine.hooks.optimizer_steps as module
     head, hook, runner, _ = half_done_run()
     monkeypatch.setattr(module, 'get_world_size', lambda: 2)
     runner.logger = ListLogger()

@@ -1,23 +1,33 @@
-"""Validation of ProtoHead's options: one message naming every config key at fault."""
-import math
+"""Validation of ProtoHead's and PrototypeUpdateHook's options, combinations included.
 
+Every check raises an error for people: it names the config key at fault, what it must be
+and, for a combination, what to change. :func:`check_options` reports every option at fault
+in one message. Used by :class:`~mmseg_proto.models.decode_heads.ProtoHead` (before and
+while it builds its parts) and by
+:class:`~mmseg_proto.engine.hooks.PrototypeUpdateHook`.
+"""
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch.nn as nn
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.registry import MODELS
 
+from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
 from .prototype_distance import DISTANCES
 
 PROJECTIONS = ('none', 'linear', 'mlp')
 
 
-def _is_int(value) -> bool:
+def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_finite_positive(value) -> bool:
+def _is_finite_positive(value: Any) -> bool:
     """A real number in (0, inf): ``inf`` (or an int too large for a float) would make every
     huberized similarity 1, each class score the same constant, so nothing is learned."""
     if not _is_real(value):
@@ -28,8 +38,8 @@ def _is_finite_positive(value) -> bool:
         return False
 
 
-# option -> (check, what it must be)
-OPTION_RULES = {
+# option -> (check, what it must be); bool is not an int or a number here
+HEAD_RULES = {
     'num_classes': (lambda v: _is_int(v) and v >= 2,
                     'an integer >= 2; the class scores go through a LayerNorm '
                     'over classes, constant for one class: for binary '
@@ -51,18 +61,33 @@ OPTION_RULES = {
     'reference_width_norm': (lambda v: isinstance(v, bool), 'True or False'),
     'load_prototypes': (lambda v: isinstance(v, bool), 'True or False'),
 }
+HOOK_RULES = {
+    'log_interval': (lambda v: _is_int(v) and v >= 0,
+                     'an integer >= 0; 0 disables logging'),
+    'per_class_entropy': (lambda v: isinstance(v, bool), 'True or False'),
+    'reseed_interval': (lambda v: _is_int(v) and v >= 0,
+                        'an integer >= 0; 0: no re-seeding'),
+    'reseed_min_share': (lambda v: _is_real(v) and 0 < v <= 1,
+                         'a number in (0, 1]'),
+}
+OWNER_RULES = {'ProtoHead': HEAD_RULES, 'PrototypeUpdateHook': HOOK_RULES}
 
 
-def check_options(**options) -> None:
-    """Validate ProtoHead options, naming every config key at fault."""
-    problems = [f'{key}={value!r} (must be {OPTION_RULES[key][1]})'
-                for key, value in options.items()
-                if not OPTION_RULES[key][0](value)]
+def check_options(owner: str, **options: Any) -> None:
+    """Raise one ValueError naming every option of ``owner`` at fault.
+
+    Args:
+        owner (str): 'ProtoHead' or 'PrototypeUpdateHook'.
+        **options: The options to check, by name.
+    """
+    rules: Dict[str, Any] = OWNER_RULES[owner]
+    problems = [f'{key}={value!r} (must be {rules[key][1]})'
+                for key, value in options.items() if not rules[key][0](value)]
     if problems:
-        raise ValueError('ProtoHead: invalid ' + '; '.join(problems))
+        raise ValueError(f'{owner}: invalid ' + '; '.join(problems))
 
 
-def check_decoder(decoder) -> dict:
+def check_decoder(decoder: Any) -> dict:
     """The decoder config, if it names a registered MMSeg decode head."""
     if not isinstance(decoder, dict) or 'type' not in decoder:
         raise TypeError('ProtoHead: `decoder` must be the config dict of '
@@ -84,3 +109,62 @@ def check_decoder(decoder) -> dict:
             'input features become the embedding), e.g. FCNHead, '
             'SegformerHead, UPerHead, PSPHead, ASPPHead')
     return decoder
+
+
+def check_embed_dims(embed_dims: Optional[int], feat_dims: int, projection: str) -> int:
+    """The embedding size: ``embed_dims``, or the decoder's ``feat_dims`` channels when
+    None; without a projection the two must agree."""
+    embed_dims = feat_dims if embed_dims is None else embed_dims
+    if projection == 'none' and embed_dims != feat_dims:
+        raise ValueError(
+            f'ProtoHead: embed_dims={embed_dims} does not match the '
+            f"decoder's channels={feat_dims}; with projection='none' the "
+            'decoder features are the embedding: set embed_dims='
+            f"{feat_dims} (or None), or use projection='linear'/'mlp'")
+    return embed_dims
+
+
+def check_out_channels(out_channels: Optional[int], num_classes: int) -> None:
+    """ProtoHead scores every class: no single-channel (sigmoid) output."""
+    if out_channels is not None and out_channels != num_classes:
+        raise ValueError(f'ProtoHead does not support out_channels={out_channels} '
+                         f'(num_classes={num_classes}); binary sigmoid heads '
+                         '(out_channels=1) are not supported: use num_classes=2')
+
+
+def split_losses(loss_decode: nn.Module) -> Tuple[nn.ModuleList, nn.ModuleList]:
+    """The pixel losses (on the segmentation logits) and the prototype losses of a built
+    ``loss_decode``; raises if there is no pixel loss."""
+    losses = loss_decode if isinstance(loss_decode, nn.ModuleList) else [loss_decode]
+    pixel = [m for m in losses if not getattr(m, 'is_prototype_loss', False)]
+    if not pixel:
+        raise ValueError('ProtoHead: loss_decode needs a pixel loss on '
+                         "the segmentation logits, e.g. dict(type="
+                         "'CrossEntropyLoss'), beside the prototype losses")
+    return nn.ModuleList(pixel), nn.ModuleList(
+        m for m in losses if getattr(m, 'is_prototype_loss', False))
+
+
+def standard_prototype_losses(loss_proto: Sequence[nn.Module]) -> bool:
+    """Whether the prototype losses are at most one PPC and one PPD (what the fused and
+    streamed scores compute)."""
+    types = [type(m) for m in loss_proto]
+    return len(types) == len(set(types)) and set(types) <= {
+        PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss}
+
+
+def check_similarity_chunk(similarity_chunk: Optional[int], distance: str,
+                           loss_proto: Sequence[nn.Module]) -> None:
+    """The streamed scores compute the standard losses of the cosine only."""
+    if similarity_chunk is None:
+        return
+    if not standard_prototype_losses(loss_proto):
+        raise ValueError(
+            f'ProtoHead: similarity_chunk={similarity_chunk!r} needs the '
+            'standard prototype losses (at most one '
+            'PixelPrototypeContrastLoss and one PixelPrototypeDistanceLoss)')
+    if distance != 'cosine':
+        raise ValueError(
+            f'ProtoHead: similarity_chunk={similarity_chunk!r} needs '
+            f"distance='cosine' (got {distance!r}); set "
+            'similarity_chunk=None')

@@ -1,6 +1,6 @@
-"""The prototype-scores step of ProtoHead's training: three implementations, one contract.
+"""The prototype-scores step of ProtoHead's training: three implementations of one contract.
 
-Each takes the flat embeddings (N, D), the prototype matrix (K*C, D) (rows ``k * C + c``,
+:class:`TrainingScores` declares the contract. Each implementation takes the flat embeddings (N, D), the prototype matrix (K*C, D) (rows ``k * C + c``,
 see :mod:`.prototype_index`), the labels (N,) and the indices of the labelled pixels, and
 gives
 
@@ -14,9 +14,10 @@ themselves (the reference; any prototype loss). ``FusedScores`` and ``StreamedSc
 compute the per-pixel PPC and PPD terms fast (:class:`FusedPrototypeScores`: one buffer reused
 in place; :class:`ChunkedPrototypeScores`: blocks of pixels, recomputed in backward) and hand
 them to the loss modules' ``reduce``; they are tested against the modules' ``per_pixel``.
-ProtoHead chooses one at construction (``fused_losses``, ``similarity_chunk``).
+:class:`~.prototype_scorer.PrototypeScorer` chooses one from the head's options
+(``fused_losses``, ``similarity_chunk``, ``distance``) and builds it every training step.
 """
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,34 @@ from .chunked_prototype_scores import ChunkedPrototypeScores
 from .fused_prototype_scores import FusedPrototypeScores
 
 
-class EagerScores:
+class TrainingScores:
+    """The contract of a prototype-scores step (see the module doc).
+
+    Attributes:
+        own (Tensor): (Nv, K) detached similarities of each labelled pixel to its class's K
+            prototypes, what Sinkhorn clusters.
+    """
+
+    own: Tensor
+
+    def finish(self, targets: Tensor, loss_fns: Sequence,
+               num_valid: int) -> Tuple[Tensor, List[Tensor]]:
+        """After Sinkhorn: the class scores and each prototype loss's value.
+
+        Args:
+            targets (Tensor): (N,) similarity column of each pixel's assigned prototype
+                (``k * C + c``), -1 for ignored pixels.
+            loss_fns (Sequence): The head's prototype loss modules.
+            num_valid (int): Number of labelled pixels.
+
+        Returns:
+            tuple[Tensor, list[Tensor]]: (N, C) class scores (max over each class's K
+            similarities; differentiable) and one loss value per module, in their order.
+        """
+        raise NotImplementedError
+
+
+class EagerScores(TrainingScores):
     """Plain autograd over the (N, K*C) similarities; calls the loss modules.
 
     ``to_similarity`` maps the cosines to the similarity the head's ``distance`` option
@@ -41,12 +69,13 @@ class EagerScores:
             self.sims = to_similarity(self.sims)
         self.own = self.sims.detach().view(-1, self.k, self.c)[valid, :, labels[valid]]
 
-    def finish(self, targets: Tensor, loss_fns: Sequence, num_valid: int):
+    def finish(self, targets: Tensor, loss_fns: Sequence,
+               num_valid: int) -> Tuple[Tensor, List[Tensor]]:
         class_scores = self.sims.view(-1, self.k, self.c).max(dim=1).values
         return class_scores, [fn(self.sims, targets) for fn in loss_fns]
 
 
-class FusedScores:
+class FusedScores(TrainingScores):
     """:class:`FusedPrototypeScores`: one (N, K*C) buffer, the temperature folded into the
     prototypes, per-pixel PPC/PPD terms reduced by the loss modules."""
 
@@ -66,12 +95,13 @@ class FusedScores:
         del self.scaled  # overwritten in place by FusedPrototypeScores
         return class_scores, dict(ppc=ppc, ppd=ppd)
 
-    def finish(self, targets: Tensor, loss_fns: Sequence, num_valid: int):
+    def finish(self, targets: Tensor, loss_fns: Sequence,
+               num_valid: int) -> Tuple[Tensor, List[Tensor]]:
         class_scores, terms = self.terms(targets)
         return class_scores, [fn.reduce(terms[fn.term], num_valid) for fn in loss_fns]
 
 
-class StreamedScores:
+class StreamedScores(TrainingScores):
     """:class:`ChunkedPrototypeScores`: the similarities in blocks of ``chunk`` pixels."""
 
     def __init__(self, emb: Tensor, protos: Tensor, labels: Tensor, valid: Tensor,
@@ -92,5 +122,3 @@ class StreamedScores:
 
     finish = FusedScores.finish
 
-
-SCORE_PATHS = dict(eager=EagerScores, fused=FusedScores, streamed=StreamedScores)

@@ -1,10 +1,11 @@
-"""What a ProtoHead's training step hands to PrototypeUpdateHook, and the per-batch
-diagnostics (Sinkhorn assignments, prototype use) it may add."""
+"""What one training batch tells a PrototypeBank: per-prototype sums and counts, the
+diagnostics (Sinkhorn assignments, prototype use) it may add, and their sums over processes."""
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
+from mmengine.dist import all_reduce, get_world_size
 from torch import Tensor
 
 from .prototype_index import buffer_index
@@ -14,21 +15,20 @@ from .prototype_index import buffer_index
 class PrototypeStatistics:
     """Per-prototype statistics of one training iteration of a ProtoHead.
 
-    Owner: ``ProtoHead.loss`` creates it (one per iteration);
-    :class:`PrototypeUpdateHook` takes it with ``ProtoHead.take_statistics``,
-    sums it over processes (and over accumulated iterations) and applies the
-    momentum update with ``ProtoHead.update_prototypes``. Prototype ``i``
-    is class ``i // K``, prototype ``i % K`` (the ``prototypes`` buffer's
-    (C, K, D) order, flattened).
+    Owner: :class:`~.prototype_bank.PrototypeBank`, which makes one in ``collect`` (from
+    what ``ProtoHead.loss`` hands it, :func:`batch_statistics`), sums it over processes
+    and over the iterations of one optimizer step, and applies it when
+    :class:`PrototypeUpdateHook` says so. Prototype ``i`` is class ``i // K``, prototype
+    ``i % K`` (the ``prototypes`` buffer's (C, K, D) order, flattened).
 
     Args:
         sums (Tensor): (C*K, D) fp32 sums of the embeddings of the correctly
             classified pixels assigned to each prototype; non-finite when the
-            batch had non-finite embeddings (the hook then skips the update).
+            batch had non-finite embeddings (the bank then skips the update).
         counts (Tensor): (C*K,) their numbers.
         assignments (dict[str, Tensor], optional): Sinkhorn diagnostics
             (:func:`assignment_statistics`), only on the iterations
-            the hook logs.
+            the hook logs (see :func:`assignment_diagnostics`).
         usage (dict[str, Tensor], optional): What re-seeding needs
             (:func:`usage_statistics`), every iteration while the hook
             re-seeds: ``nearest`` (C*K,), ``outlier_sums`` (C, D),
@@ -52,9 +52,25 @@ class PrototypeStatistics:
                                    other.assignments or self.assignments,
                                    usage)
 
+    def sum_over_processes(self) -> None:
+        """Sum ``sums``, ``counts`` and ``usage`` over processes, in place, in one
+        all-reduce (a non-finite value anywhere makes the sums non-finite everywhere);
+        nothing on one process. The ``assignments`` are reduced when logged."""
+        if get_world_size() == 1:
+            return
+        parts = [self.sums, self.counts]
+        if self.usage is not None:
+            parts += [self.usage[key] for key in sorted(self.usage)]
+        flat = torch.cat([p.reshape(-1).to(self.sums.dtype) for p in parts])
+        all_reduce(flat, op='sum')
+        offset = 0
+        for part in parts:
+            part.copy_(flat[offset:offset + part.numel()].view_as(part))
+            offset += part.numel()
+
     def state_dict(self) -> Dict[str, Any]:
         """What a checkpoint keeps of statistics pending for an accumulated
-        optimizer step (``PrototypeUpdateHook``): copies on the CPU of
+        optimizer step (``PrototypeBank.resume_state``): copies on the CPU of
         ``sums``, ``counts`` and ``usage``. The ``assignments`` diagnostics
         are left out: only the iteration that steps logs them, from its
         own batch."""
@@ -107,6 +123,46 @@ def nearest_counts(labels: Tensor, nearest_k: Tensor, num_classes: int,
 
 
 @torch.no_grad()
+def batch_statistics(emb: Tensor, labels: Tensor, valid: Tensor, pred: Tensor,
+                     assign: Tensor, own: Tensor, transport: Optional[Tensor],
+                     num_classes: int, num_prototypes: int, assignments: bool = False,
+                     usage: bool = False) -> PrototypeStatistics:
+    """The statistics of one training batch (per prototype, the sum and count of the
+    embeddings of the correctly classified pixels assigned to it).
+
+    Args:
+        emb (Tensor): (N, D) pixel embeddings.
+        labels (Tensor): (Nv,) class of each labelled pixel.
+        valid (Tensor): (Nv,) indices of the labelled pixels in ``emb``.
+        pred (Tensor): Predicted class of each of the N pixels.
+        assign (Tensor): (Nv,) Sinkhorn's prototype (0..K-1) of each labelled pixel.
+        own (Tensor): (Nv, K) similarities to the pixel's class's prototypes.
+        transport (Tensor, optional): (Nv, K) Sinkhorn's soft assignment (needed for
+            ``assignments``).
+        num_classes (int): C.
+        num_prototypes (int): K.
+        assignments (bool): Add :func:`assignment_statistics`. Default: False.
+        usage (bool): Add :func:`usage_statistics`. Default: False.
+    """
+    c, k = num_classes, num_prototypes
+    correct = pred.view(-1)[valid] == labels
+    correct_emb = emb[valid[correct]].float()
+    proto_index = buffer_index(labels, assign, k)
+    hit = proto_index[correct]
+    sums = correct_emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, correct_emb)
+    # A non-finite labelled pixel corrupts the Sinkhorn assignment of its whole class even
+    # when it is not counted as correct: non-finite sums make every process skip the
+    # update (after the all-reduce); no host sync.
+    sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
+    counts = torch.bincount(hit, minlength=c * k).to(correct_emb.dtype)
+    return PrototypeStatistics(
+        sums, counts,
+        assignment_statistics(labels, proto_index, transport, own, c, k)
+        if assignments else None,
+        usage_statistics(labels, own, correct, correct_emb, c, k) if usage else None)
+
+
+@torch.no_grad()
 def assignment_statistics(labels: Tensor, targets: Tensor, transport: Tensor, own: Tensor,
                           num_classes: int, num_prototypes: int) -> Dict[str, Tensor]:
     """Detached Sinkhorn diagnostics of one batch (for logging only).
@@ -137,6 +193,45 @@ def assignment_statistics(labels: Tensor, targets: Tensor, transport: Tensor, ow
         pixels=torch.bincount(labels, minlength=c).float(),
         assigned=torch.bincount(targets, minlength=c * k).float(),
         nearest=nearest_counts(labels, own.argmax(dim=1), c, k))
+
+
+@torch.no_grad()
+def assignment_diagnostics(assignments: Dict[str, Tensor],
+                           prototypes: Tensor) -> Dict[str, Any]:
+    """The figures PrototypeUpdateHook logs from a batch's :func:`assignment_statistics`,
+    summed over processes first (in place; every process must call this).
+
+    Args:
+        assignments (dict[str, Tensor]): What :func:`assignment_statistics` returned.
+        prototypes (Tensor): (C, K, D) the prototypes (after the update).
+
+    Returns:
+        dict: Empty when the batch has no labelled pixel; otherwise ``used`` (share of the
+        prototypes of the classes present that were assigned >= 1 pixel), ``effective``
+        (mean over those classes of the prototypes that are the nearest one for >= 1% of
+        the class's pixels), ``entropy`` (mean over them of the assignment entropy / log K)
+        and ``entropy_per_class`` ({class index: entropy}).
+    """
+    # Imported here: importing mmseg_proto.evaluation imports the models.
+    from ...evaluation.prototype_health import prototype_health
+    if get_world_size() > 1:
+        for value in assignments.values():
+            all_reduce(value, op='sum')
+    pixels = assignments['pixels']
+    present = pixels > 0
+    if not bool(present.any()):
+        return {}
+    c, k = prototypes.shape[:2]
+    used = assignments['assigned'].view(c, k)[present] > 0
+    entropy = assignments['entropy_sum'] / pixels.clamp(min=1)
+    health = prototype_health(prototypes.detach().cpu(),
+                              assignments['nearest'].view(c, k).cpu())
+    per_class = entropy.tolist()
+    return dict(used=used.float().mean().item(),
+                effective=health['effective'][present.cpu()].mean().item(),
+                entropy=entropy[present].mean().item(),
+                entropy_per_class={i: per_class[i]
+                                   for i in torch.nonzero(present).flatten().tolist()})
 
 
 @torch.no_grad()

@@ -32,7 +32,8 @@ def fp32_reference(head, x):
     with torch.no_grad():
         emb = head.embed(x)
         cos = torch.einsum('bhwd,ckd->bhwck', emb, head.prototypes).amax(-1)
-        logits = head._scores(x)[2]
+    with torch.enable_grad():  # the training forward: the whole similarity matrix
+        logits = head(x).detach()
     return cos, logits, 1.0 - cos.amax(-1)
 
 
@@ -50,7 +51,7 @@ def test_bf16_autocast_inference_matches_fp32(distance, seeded):
     assert all((per_slab == k).any() for k in range(4))  # each slab gives some maxima
     metas = [dict(img_shape=(9, 7), ori_shape=(9, 7), pad_shape=(9, 7))] * 2
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        cos16 = head._class_scores(x)
+        cos16 = head.class_cosines(x)
         logits16 = head(x)
         stacked16 = head.predict_with_anomaly(x, metas, ConfigDict())
     assert cos16.dtype == torch.bfloat16  # autocast ran: the loop's autocast branch

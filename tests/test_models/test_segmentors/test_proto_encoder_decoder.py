@@ -67,7 +67,7 @@ def test_anomaly_map_equals_one_minus_max_cosine_at_the_image_size(checkpoint):
     data = model.data_preprocessor(_preprare_data(VAL_IMAGES[1], model)[0], False)['inputs']
     assert data.shape[2:] != img.shape[:2]  # the config's test pipeline resizes
     with torch.no_grad():
-        scores = model.decode_head._class_scores(model.extract_feat(data))
+        scores = model.decode_head.class_cosines(model.extract_feat(data))
     amap = (1.0 - scores.amax(dim=-1))[:, None]
     amap = F.interpolate(amap, size=data.shape[2:], mode='bilinear', align_corners=False)
     amap = F.interpolate(amap, size=img.shape[:2], mode='bilinear', align_corners=False)
@@ -160,7 +160,7 @@ def test_tta_averages_the_anomaly_maps_of_the_passes(checkpoint):
         assert aug['data_samples'][0].flip == flipped
         x = module.data_preprocessor(aug, False)['inputs']
         with torch.no_grad():
-            scores = module.decode_head._class_scores(module.extract_feat(x))
+            scores = module.decode_head.class_cosines(module.extract_feat(x))
         amap = (1.0 - scores.amax(dim=-1))[:, None]
         amap = F.interpolate(amap, size=x.shape[2:], mode='bilinear', align_corners=False)
         amap = F.interpolate(amap, size=(h, w), mode='bilinear', align_corners=False)[0]

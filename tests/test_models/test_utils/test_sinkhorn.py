@@ -98,6 +98,41 @@ def test_single_pixel_absent_classes_and_empty():
     assert assign.shape == (0, ) and transport.shape == (0, 4)
 
 
+FUZZ_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize('seed', range(40))
+def test_fuzz_assignments_are_valid_and_finite(seed):
+    """Classes, K, pixel counts, epsilons, iterations and dtypes at random: one prototype of
+    the pixel's own class per pixel, a finite soft assignment whose rows sum to 1."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randint(lo, hi):
+        return int(torch.randint(lo, hi, (1, ), generator=g))
+
+    c, k, n = randint(1, 40), randint(1, 12), randint(0, 3000)
+    dtype = FUZZ_DTYPES[seed % len(FUZZ_DTYPES)]
+    eps = (0.01, 0.05, 0.5)[seed % 3]
+    sims = torch.rand(n, c * k, generator=g) * 2 - 1
+    if seed % 5 == 0:  # all (nearly) equal to +-1
+        sims = sims.sign() * (1 - 1e-3 * sims.abs())
+    labels = torch.randint(0, c, (n, ), generator=g)
+    if seed % 2:  # few classes dominate (classes with fewer pixels than K)
+        labels = labels % max(1, c // 3)
+    own = sims.to(dtype).view(n, c, k).gather(
+        1, labels.view(-1, 1, 1).expand(-1, 1, k)).squeeze(1)
+    assign, transport = sinkhorn_knopp(own, labels, c, eps, randint(1, 6))
+    assert assign.shape == (n, ) and assign.dtype == torch.long
+    assert n == 0 or (0 <= int(assign.min()) and int(assign.max()) < k)
+    assert transport.dtype == (torch.float64 if dtype == torch.float64
+                               else torch.float32)
+    assert torch.isfinite(transport).all()
+    if n:
+        torch.testing.assert_close(
+            transport.sum(1), torch.ones(n, dtype=transport.dtype),
+            atol=1e-4, rtol=1e-4)
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match='epsilon'):
         sinkhorn_knopp(torch.zeros(2, 2), torch.zeros(2), 1, epsilon=0)

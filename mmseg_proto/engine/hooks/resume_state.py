@@ -1,0 +1,121 @@
+"""The exact-resume entry :class:`PrototypeUpdateHook` adds to every checkpoint.
+
+``checkpoint['prototype_update_hook']`` is a dict of plain dicts, ints and tensors (loadable
+with ``weights_only=True``):
+
+- ``version``: 1;
+- ``iter``: the iteration the checkpoint was saved after;
+- ``window_updates``: optimizer steps so far in the current re-seeding window;
+- ``window``: {ProtoHead index: the re-seeding usage summed over that window};
+- ``pending``: {ProtoHead index: the statistics of the iterations accumulated into an
+  optimizer step that has not happened yet};
+- ``gradients``: {parameter name: gradient} accumulated so far in such a step, or None
+  (with several processes each holds its own and none is saved, with a warning).
+
+ProtoHead ``i`` is the ``i``-th :class:`~mmseg_proto.models.utils.PrototypeBank` of the
+model (decode head first). Every process holds the same window and pending statistics
+(summed over processes every iteration), so process 0's checkpoint holds the global ones.
+"""
+from typing import Any, List, Optional
+
+from ...models.utils.prototype_bank import PrototypeBank
+from .optimizer_steps import (accumulated_gradients, accumulative_counts,
+                              optimizer_stepped, restore_gradients)
+
+STATE_KEY = 'prototype_update_hook'
+STATE_VERSION = 1
+OWNER = 'PrototypeUpdateHook'
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def save_state(runner, banks: List[PrototypeBank], window_updates: int,
+               checkpoint: dict) -> None:
+    """Add the entry for this run's ``banks`` to ``checkpoint`` (see the module doc)."""
+    states = [bank.resume_state() for bank in banks]
+    checkpoint[STATE_KEY] = dict(
+        version=STATE_VERSION,
+        iter=int((checkpoint.get('meta') or {}).get('iter', runner.iter + 1)),
+        window_updates=window_updates,
+        window={i: s['window'] for i, s in enumerate(states) if s['window'] is not None},
+        pending={i: s['pending'] for i, s in enumerate(states) if s['pending'] is not None},
+        gradients=None if optimizer_stepped(runner) else accumulated_gradients(runner, OWNER))
+
+
+def load_state(runner, banks: List[PrototypeBank], state: Optional[dict],
+               reseed: bool) -> int:
+    """Restore a resumed checkpoint's entry into ``banks`` and the model's gradients.
+
+    Args:
+        runner: The runner, at the resumed iteration.
+        banks (list[PrototypeBank]): The model's banks.
+        state (dict, optional): The entry; None for a checkpoint written without it.
+        reseed (bool): Whether this run re-seeds (else the window is not restored).
+
+    Returns:
+        int: The optimizer steps already in the current re-seeding window.
+
+    Raises:
+        ValueError: The entry does not fit this model or run (says what to do).
+    """
+    if state is None:
+        runner.logger.info(
+            f'{OWNER}: the resumed checkpoint holds no re-seeding window or pending '
+            'statistics (written by an earlier version): the re-seeding window restarts '
+            f'at iteration {runner.iter}.')
+        return 0
+    problem = _state_problem(state, len(banks), runner.iter)
+    if problem is not None:
+        raise ValueError(
+            f'{OWNER}: cannot restore its state from the resumed checkpoint: {problem}. '
+            'Resume from a checkpoint written by this model and config, or remove its '
+            f"'{STATE_KEY}' entry to restart the re-seeding window.")
+    acc = accumulative_counts(runner)
+    mid_step = runner.iter % acc != 0
+    if (state['pending'] or state['gradients']) and not mid_step:
+        runner.logger.warning(
+            f'{OWNER}: the checkpoint was saved in the middle of an accumulated optimizer '
+            f'step, but with accumulative_counts={acc} iteration {runner.iter} ends a step '
+            'in this run: its pending prototype statistics and gradients are dropped.')
+    for i, bank in enumerate(banks):
+        try:
+            bank.restore(state['window'].get(i) if reseed else None,
+                         state['pending'].get(i) if mid_step else None)
+        except ValueError as err:
+            raise ValueError(
+                f'{OWNER}: the resumed checkpoint does not fit ProtoHead {i} ({err}); '
+                'resume with the model that wrote the checkpoint, or remove its '
+                f"'{STATE_KEY}' entry.") from err
+    if mid_step and state['gradients']:
+        restore_gradients(runner, state['gradients'], OWNER)
+    return state['window_updates'] if reseed else 0
+
+
+def _state_problem(state: Any, num_banks: int, iteration: int) -> Optional[str]:
+    """What is wrong with a saved entry (None: nothing)."""
+    keys = {'version', 'iter', 'window_updates', 'window', 'pending', 'gradients'}
+    if not isinstance(state, dict) or not keys <= set(state):
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        return f'expected a dict with keys {sorted(keys)}, got {got}'
+    if state['version'] != STATE_VERSION:
+        return (f"it has version {state['version']!r}; this version of "
+                f'mmseg_proto reads version {STATE_VERSION}')
+    if not (_is_int(state['iter']) and _is_int(state['window_updates'])
+            and state['window_updates'] >= 0):
+        return ('iter and window_updates must be integers, got '
+                f"{state['iter']!r} and {state['window_updates']!r}")
+    for name in ('window', 'pending'):
+        heads = state[name]
+        if not (isinstance(heads, dict) and all(
+                _is_int(i) and 0 <= i < num_banks for i in heads)):
+            return (f'{name} must map ProtoHead indices below {num_banks} '
+                    f'(the model has {num_banks} ProtoHead(s)), got '
+                    f'{heads!r:.200}')
+    if not (state['gradients'] is None or isinstance(state['gradients'], dict)):
+        return 'gradients must be a dict or None'
+    if state['iter'] != iteration:
+        return (f"it was saved at iteration {state['iter']} but the run resumes at "
+                f'iteration {iteration}')
+    return None
