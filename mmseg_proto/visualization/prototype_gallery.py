@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..evaluation.prototype_health import prototype_health
+from ..models.utils.prototype_scorer import PrototypeScorer
 from .prototypes import (ImageType, _valid_grid, pixel_features, preprocess_image,
                          proto_head, prototype_similarity)
 
@@ -286,7 +287,6 @@ def build_gallery(model: nn.Module, dataset, per_prototype: int = 8,
                          '(check its data_root) or num_images < 1')
     protos = head.prototypes.detach()
     c, k, d = protos.shape
-    flat = protos.reshape(c * k, d)
     counts = torch.zeros(c * k, dtype=torch.long)
     sums = torch.zeros(c * k, dtype=torch.float64)
     top = TopN(c * k, per_prototype, width=len(ITEM_FIELDS))
@@ -321,7 +321,7 @@ def build_gallery(model: nn.Module, dataset, per_prototype: int = 8,
         gy, gx = torch.nonzero(valid, as_tuple=True)
         lab = labels[valid]
         if lab.numel():
-            own = (emb[valid] @ flat.T.to(emb.dtype)).view(-1, c, k)
+            own = PrototypeScorer.cosines(emb[valid], protos)  # (M, C, K)
             own = own[torch.arange(lab.numel(), device=own.device), lab]  # (M, K)
             best, nearest = own.max(dim=1)
             slot = (lab * k + nearest).cpu()
