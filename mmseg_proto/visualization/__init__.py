@@ -11,9 +11,11 @@ __all__ = [
     'tsne_2d'
 ]
 # Case-based explanations (tools/analysis_tools/prototype_report.py, explain_pixel.py).
-from .prototype_gallery import (PixelExplanation, PrototypeGallery, TopN,  # noqa: E402
-                                build_gallery, build_split_dataset, explain_pixel,
-                                load_gallery, save_gallery, write_report_html)
+from .pixel_explanation import PixelExplanation, explain_pixel  # noqa: E402
+from .prototype_gallery import (PrototypeGallery, build_gallery,  # noqa: E402
+                                build_split_dataset, load_gallery, save_gallery)
+from .prototype_report_page import write_report_html  # noqa: E402
+from .top_n import TopN  # noqa: E402
 
 __all__ += [
     'PixelExplanation', 'PrototypeGallery', 'TopN', 'build_gallery', 'build_split_dataset',

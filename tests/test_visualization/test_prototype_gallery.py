@@ -14,11 +14,13 @@ from conftest import PROTO_CFG, train_camvid_protoseg
 
 from mmseg_proto.evaluation import nearest_prototype_usage
 from mmseg_proto.visualization import collect_embeddings, load_model
-from mmseg_proto.visualization.prototype_gallery import (TopN, build_gallery,
-                                                         build_split_dataset, crop_around,
-                                                         explain_pixel, load_gallery,
-                                                         near_duplicates, report_rows,
-                                                         save_gallery, write_report_html)
+from mmseg_proto.visualization.image_crops import crop_around
+from mmseg_proto.visualization.pixel_explanation import explain_pixel
+from mmseg_proto.visualization.prototype_gallery import (build_gallery, build_split_dataset,
+                                                         load_gallery, near_duplicates,
+                                                         save_gallery)
+from mmseg_proto.visualization.prototype_report_page import report_rows, write_report_html
+from mmseg_proto.visualization.top_n import TopN
 
 NUM_IMAGES = 3
 PER_PROTOTYPE = 2

@@ -62,7 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error('--runners-up must be >= 0, --crop-size and --dpi >= 1')
     if args.png_colors and not 2 <= args.png_colors <= 256:
         p.error('--png-colors must be 0 or in [2, 256]')
-    from mmseg_proto.visualization.prototype_gallery import check_pixel, image_size
+    from mmseg_proto.visualization.pixel_explanation import check_pixel, image_size
     try:
         check_pixel(args.pixel, image_size(args.image))
     except ValueError as err:
@@ -103,7 +103,7 @@ def plot_explanation(expl, image: np.ndarray, out_file: str, crop_size: int = 64
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
 
-    from mmseg_proto.visualization.prototype_gallery import _read_rgb, crop_around
+    from mmseg_proto.visualization.image_crops import crop_around, read_rgb
 
     classes = [expl.predicted] + list(expl.runners_up)
     n = max([len(ev.gallery) for ev in classes] + [1])
@@ -147,7 +147,7 @@ def plot_explanation(expl, image: np.ndarray, out_file: str, crop_size: int = 64
                 transform=ax.transAxes, fontweight='bold' if row == 1 else 'normal')
         for j, e in enumerate(ev.gallery[:cols - 1]):
             ax = fig.add_subplot(grid[row, j + 1])
-            ax.imshow(_read_rgb(e['crop']))
+            ax.imshow(read_rgb(e['crop']))
             ax.set_title(f"{e['similarity']:.2f}", fontsize=7, pad=2)
             ax.axis('off')
         if not ev.gallery:
@@ -172,9 +172,10 @@ def main(argv: Optional[Sequence[str]] = None):
     args = parse_args(argv)
     import mmseg_proto  # noqa: F401  (registers the plugin modules)
     from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
-    from mmseg_proto.visualization.prototype_gallery import (_read_rgb, explain_pixel,
-                                                             load_gallery,
+    from mmseg_proto.visualization.image_crops import read_rgb
+    from mmseg_proto.visualization.pixel_explanation import (explain_pixel,
                                                              write_explanation_html)
+    from mmseg_proto.visualization.prototype_gallery import load_gallery
     from mmseg_proto.visualization.prototypes import load_model, proto_head
     with mmseg_proto_config_scope():  # the config may inherit mmseg_proto::
         try:
@@ -184,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None):
             expl = explain_pixel(model, args.image, args.pixel, gallery, args.runners_up)
         except (TypeError, ValueError, RuntimeError) as err:
             raise SystemExit(f'explain_pixel: {err}') from err
-    image = _read_rgb(args.image)
+    image = read_rgb(args.image)
     if args.out.lower().endswith('.html'):
         write_explanation_html(expl, args.out, image, args.crop_size)
     else:

@@ -106,7 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
     from mmseg_proto.visualization.prototype_gallery import (build_gallery,
                                                              build_split_dataset,
-                                                             save_gallery, write_report_html)
+                                                             save_gallery)
+    from mmseg_proto.visualization.prototype_report_page import write_report_html
     from mmseg_proto.visualization.prototypes import load_model, proto_head
     with mmseg_proto_config_scope():  # the config may inherit mmseg_proto::
         try:
