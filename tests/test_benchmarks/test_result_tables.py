@@ -1,0 +1,137 @@
+"""The tables the README's accuracy and anomaly claims are copied from
+(benchmarks/camvid_benchmark.py, benchmarks/camvid_anomaly.py), checked on made-up records
+against hand computations: mean and sample standard deviation over seeds, per-class means,
+the mean over held-out classes (of per-class means, not pooled over runs), the seen-class
+mIoU, and the refusal of a class that CamVid does not have."""
+import importlib.util
+import os.path as osp
+import re
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+CLASSES = ['sky', 'building', 'pole', 'road', 'sidewalk', 'tree', 'sign', 'fence', 'car',
+           'pedestrian', 'bicyclist']
+
+
+def load(name):
+    path = osp.join(REPO, 'benchmarks', f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'bench_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(variant, seed, miou, per_class, health=None, **extra):
+    return dict(variant=variant, seed=seed, iters=4000, mIoU=miou, aAcc=80.0 + seed,
+                per_class=list(per_class), classes=CLASSES, params=3716000,
+                s_per_iter=0.5, peak_rss_mb=800.0, health=health, **extra)
+
+
+def row(table, first_cells):
+    """The Markdown row whose leading cells are ``first_cells``."""
+    prefix = '| ' + ' | '.join(first_cells) + ' |'
+    rows = [line for line in table.splitlines() if line.startswith(prefix)]
+    assert len(rows) == 1, (prefix, table)
+    return [cell.strip() for cell in rows[0].strip('|').split('|')]
+
+
+def test_accuracy_table_mean_sample_std_per_class_and_health():
+    bench = load('camvid_benchmark')
+    rng = np.random.default_rng(0)
+    mious = {'parametric': [51.00, 50.10, 49.70], 'protoseg': [50.25, 51.30]}
+    per_class = {v: rng.uniform(0, 100, size=(len(m), 11)) for v, m in mious.items()}
+    effective = [6.2, 5.0]
+    records = [record(v, s, m, per_class[v][s],
+                      health=None if v == 'parametric' else dict(
+                          effective=effective[s], exp_entropy=4.0 + s, cos_mean=0.4))
+               for v, ms in mious.items() for s, m in enumerate(ms)]
+    table = bench.aggregate(records, ['parametric', 'protoseg'])
+    main_table = table.split('| model | sky')[0]
+    for variant, values in mious.items():
+        cells = row(main_table, [variant, str(len(values))])
+        mean, std = np.mean(values), np.std(values, ddof=1)  # sample std over seeds
+        assert cells[2].startswith(f'{mean:.2f} ± {std:.2f} ('), cells
+        assert cells[3] == f'{np.mean([80.0 + s for s in range(len(values))]):.2f}'
+        per_class_table = table.split('| model | sky')[1].split('Prototype health')[0]
+        class_cells = row(per_class_table, [variant])
+        assert class_cells[1:] == [f'{x:.1f}' for x in per_class[variant].mean(axis=0)]
+    header = [line for line in table.splitlines() if line.startswith('| model | sky')]
+    assert header == ['| model | ' + ' | '.join(CLASSES) + ' |']
+    health_table = table.split('Prototype health')[1]
+    health = row(health_table, ['protoseg', '2', f'{np.mean(effective):.1f} ± '
+                                f'{np.std(effective, ddof=1):.1f}'])
+    assert health[3] == f'{4.5:.2f} ± {np.std([4.0, 5.0], ddof=1):.2f}'
+    # The parametric model has no prototypes: no health row.
+    assert '| parametric |' not in health_table
+
+
+def test_one_seed_reports_no_spread():
+    bench = load('camvid_benchmark')
+    table = bench.aggregate([record('protoseg K=1', 0, 36.87, [50.0] * 11)],
+                            ['protoseg K=1'])
+    assert row(table.split('| model | sky')[0], ['protoseg K=1', '1'])[2] == '36.87 ± 0.00 (36.87)'
+
+
+def anomaly_record(model, cls, seed, scores, per_class, health=None):
+    rec = record(f'{model} no-{cls}', seed, 0.0, per_class, held_out=cls,
+                 anomaly={name: dict(auroc=a, aupr=a / 2, fpr95=1 - a)
+                          for name, a in scores.items()})
+    rec['iters'] = 1000
+    if health is not None:
+        rec['health'] = health
+    else:
+        rec.pop('health')
+    return rec
+
+
+def test_anomaly_mean_over_held_out_classes_is_of_class_means():
+    anomaly = load('camvid_anomaly')
+    per_class = np.linspace(10, 60, 11)
+    health = dict(effective=5.0, exp_entropy=4.0, cos_mean=0.3)
+    # car: 3 seeds, pedestrian: 1 seed; a pooled mean over the 4 runs would differ.
+    records = [
+        anomaly_record('protoseg', 'car', 0, {'prototype': 0.90, 'energy': 0.70}, per_class,
+                       health),
+        anomaly_record('protoseg', 'car', 1, {'prototype': 0.80, 'energy': 0.72}, per_class,
+                       health),
+        anomaly_record('protoseg', 'car', 2, {'prototype': 0.85, 'energy': 0.74}, per_class,
+                       health),
+        anomaly_record('protoseg', 'pedestrian', 0, {'prototype': 0.60, 'energy': 0.90},
+                       per_class, health),
+        anomaly_record('parametric', 'car', 0, {'energy': 0.81}, per_class),
+    ]
+    table = anomaly.table(records, ['car', 'pedestrian'])
+    car = row(table, ['protoseg', 'prototype', '85.0 ± 5.0 (90.0, 80.0, 85.0)'])
+    seen = np.mean([iou for c, iou in zip(CLASSES, per_class) if c != 'car'])
+    assert car[-1] == f'{seen:.2f} ± 0.00'  # three equal seeds: spread 0, car left out
+    summary = table.split('### Mean over held-out classes')[1]
+    proto = row(summary, ['protoseg', 'prototype'])
+    assert proto[2] == f'{np.mean([85.0, 60.0]):.1f}' and proto[-1] == '2'
+    energy = row(summary, ['protoseg', 'energy'])
+    assert energy[2] == f'{np.mean([72.0, 90.0]):.1f}'
+    assert energy[4] == f'{np.mean([100 * (1 - 0.72), 100 * (1 - 0.90)]):.1f}'
+    # Only one class for the parametric model: its count says so.
+    assert row(summary, ['parametric', 'energy'])[-1] == '1'
+    # Rows best AUROC first.
+    aurocs = [float(line.split('|')[3]) for line in summary.splitlines()
+              if re.match(r'\| (protoseg|parametric) \|', line)]
+    assert aurocs == sorted(aurocs, reverse=True)
+
+
+def test_an_unknown_held_out_class_is_refused_by_name(monkeypatch, capsys, tmp_path):
+    anomaly = load('camvid_anomaly')
+    monkeypatch.setattr(sys, 'argv', ['camvid_anomaly.py', '--held-out', 'car', 'cars',
+                                      '--out', str(tmp_path)])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f'started {args[0][:3]} instead of refusing the class')
+    monkeypatch.setattr(anomaly.subprocess, 'run', no_training)
+    with pytest.raises(SystemExit) as exc:
+        anomaly.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert '--held-out cars: not CamVid classes' in err and 'pedestrian' in err
+    assert not list(tmp_path.iterdir())  # nothing trained or written
