@@ -103,6 +103,13 @@ def test_count_params(user_config, tmp_path, capsys):
     expected = row(str(ours))
     assert row(user_config) == expected
     assert float(expected[2]) > 0  # ProtoSeg (M)
+    # The baseline named through our scope, as a user's config inheriting ours would.
+    scoped = tmp_path / 'scoped.py'
+    scoped.write_text(BASELINE_HEADER.replace('configs/', 'mmseg_proto::', 1)
+                      + f'_base_ = [{PROTO_CFG!r}]\n')
+    assert row(str(scoped)) == expected
+    with pytest.raises(ValueError, match="'mmdet::x.py': only the mmseg:: and mmseg_proto::"):
+        counter.resolve_config('mmdet::x.py')
 
 
 def test_vis_prototype_similarity(user_config, checkpoint, tmp_path):

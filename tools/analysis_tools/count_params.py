@@ -6,7 +6,7 @@ baseline in a ``# Baseline: <config>`` header line) this builds, on the CPU
 and without pretrained weights, the ProtoSeg model and the baseline model
 and prints a Markdown table:
 
-- Baseline: the MMSeg config named in the header (``mmseg::...`` or a
+- Baseline: the MMSeg config named in the header (``mmseg::...``, ``mmseg_proto::...`` or a
   composed config under ``configs/baselines``).
 - Parametric: the ProtoSeg model with its classifier put back (the decoder
   plus a 1x1 conv of ``channels x num_classes + num_classes``) and without
@@ -69,13 +69,20 @@ def baseline_of(path: str) -> Optional[str]:
 
 
 def resolve_config(name: str) -> str:
-    """``mmseg::x.py`` -> installed MMSeg config; repo-relative paths ->
-    absolute. Raises FileNotFoundError naming the config."""
+    """``mmseg::x.py`` -> installed MMSeg config; ``mmseg_proto::x.py`` -> this
+    repository's ``configs/x.py``; repo-relative paths -> absolute. Raises
+    FileNotFoundError naming the config, ValueError for another scope."""
     if name.startswith('mmseg::'):
         import mmseg
         path = osp.join(
             osp.dirname(mmseg.__file__), '.mim', 'configs',
             name[len('mmseg::'):])
+    elif name.startswith('mmseg_proto::'):
+        path = osp.join(REPO, 'configs', name[len('mmseg_proto::'):])
+    elif '::' in name.split('/')[0]:
+        raise ValueError(f'baseline config {name!r}: only the mmseg:: and mmseg_proto:: '
+                         'scopes, a path relative to the repository or an absolute path '
+                         'are read')
     elif osp.isabs(name):
         path = name
     else:
