@@ -216,7 +216,7 @@ def main():
     p.add_argument('--evaluate', nargs=2, metavar=('WORK_DIR', 'CLASS'), help=argparse.SUPPRESS)
     args = p.parse_args()
     sys.path.insert(0, osp.dirname(BENCH))
-    from camvid_benchmark import CLASSES
+    from camvid_benchmark import CLASSES, read_record, write_json
     unknown = [c for c in args.held_out if c not in CLASSES]
     if unknown:
         p.error(f"--held-out {' '.join(unknown)}: not CamVid classes ({', '.join(CLASSES)})")
@@ -227,16 +227,28 @@ def main():
         with open(osp.join(work, 'record.json')) as f:
             record = json.load(f)
         record.update(evaluate(work, args.data_root, cls, args.device), held_out=cls)
-        with open(osp.join(work, 'anomaly.json'), 'w') as f:
-            json.dump(record, f)
+        write_json(osp.join(work, 'anomaly.json'), record)
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // args.jobs)))
+    jobs = [(c, s, m) for c in args.held_out for s in args.seeds for m in args.models]
+
+    def work_dir(job):
+        cls, seed, model = job
+        return osp.join(args.out, 'work', f'{model}_no-{cls}_s{seed}')
+
+    for job in jobs:  # before training anything: finished runs must fit this call
+        for name in ('record.json', 'anomaly.json'):
+            if osp.exists(osp.join(work_dir(job), name)):
+                try:
+                    read_record(osp.join(work_dir(job), name), args.iters)
+                except ValueError as err:
+                    p.error(str(err))
 
     def run(job):
         """Train (camvid_benchmark.py's run) and evaluate one model; both resumable."""
         cls, seed, model = job
         variant = f'{model} no-{cls}'
-        work = osp.join(args.out, 'work', f"{variant.replace(' ', '_')}_s{seed}")
+        work = work_dir(job)
         if not osp.exists(osp.join(work, 'record.json')):
             print(f'[camvid_anomaly] training {variant} seed {seed}', flush=True)
             subprocess.run([sys.executable, BENCH, '--single', variant, str(seed), '--iters',
@@ -247,14 +259,11 @@ def main():
             subprocess.run([sys.executable, __file__, '--evaluate', work, cls, '--data-root',
                             args.data_root, '--device', args.device], check=True,
                            stdout=subprocess.DEVNULL, env=env)
-        with open(osp.join(work, 'anomaly.json')) as f:
-            return json.load(f)
+        return read_record(osp.join(work, 'anomaly.json'), args.iters)
 
     from concurrent.futures import ThreadPoolExecutor
-    jobs = [(c, s, m) for c in args.held_out for s in args.seeds for m in args.models]
     if args.report_only:
-        done = [osp.join(args.out, 'work', f'{m}_no-{c}_s{s}', 'anomaly.json')
-                for c, s, m in jobs]
+        done = [osp.join(work_dir(job), 'anomaly.json') for job in jobs]
         missing = [d for d in done if not osp.exists(d)]
         if missing:
             print(f'[camvid_anomaly] not scored yet, left out: {missing}', flush=True)
@@ -267,8 +276,7 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             records = list(pool.map(run, jobs))
     records = [r for r in records if r['iters'] == args.iters]
-    with open(osp.join(args.out, 'anomaly_records.json'), 'w') as f:
-        json.dump(records, f, indent=1)
+    write_json(osp.join(args.out, 'anomaly_records.json'), records)
     text = (f'CamVid val (101 images): the pixels of the held-out class (ignored in training) '
             f'against every other labelled pixel; {args.iters} iterations, seeds '
             f"{', '.join(map(str, args.seeds))}\n\n" + table(records, args.held_out))

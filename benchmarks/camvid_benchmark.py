@@ -67,6 +67,34 @@ ABLATIONS = ['protoseg CE only', 'protoseg CE+PPC', 'protoseg CE+PPD',
              'protoseg K=1']
 
 
+def write_json(path: str, data) -> None:
+    """Write JSON atomically: a run killed mid-write leaves no half file to resume from."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+
+
+def read_record(path: str, iters: int) -> dict:
+    """A finished run's record; ValueError (saying what to do) if it cannot be resumed from:
+    unreadable, or a run at another number of iterations in the same --out."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        done_iters = record['iters']
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f'{path} is not a finished run ({type(err).__name__}: {err}); '
+                         'delete its folder to run it again') from None
+    if done_iters != iters:
+        raise ValueError(f'{path} is a {done_iters}-iteration run, this call asks for '
+                         f'{iters}: use another --out for each schedule')
+    return record
+
+
 def run_one(variant: str, seed: int, iters: int, data_root: str,
             work_dir: str) -> dict:
     """Train and evaluate one variant in this process; return its record."""
@@ -221,13 +249,14 @@ def main():
     p.add_argument('--single', nargs=2, metavar=('VARIANT', 'SEED'),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.iters < 1 or args.jobs < 1 or args.threads < 1:
+        p.error('--iters, --jobs and --threads must be >= 1')
     os.makedirs(args.out, exist_ok=True)
     if args.single:
         variant, seed = args.single[0], int(args.single[1])
         work = osp.join(args.out, 'work', f"{variant.replace(' ', '_')}_s{seed}")
         rec = run_one(variant, seed, args.iters, args.data_root, work)
-        with open(osp.join(work, 'record.json'), 'w') as f:
-            json.dump(rec, f)
+        write_json(osp.join(work, 'record.json'), rec)
         return
     if args.variants:
         jobs = [(v, s) for s in args.seeds for v in args.variants]
@@ -237,10 +266,21 @@ def main():
     env = dict(os.environ,
                OMP_NUM_THREADS=str(max(1, args.threads // args.jobs)))
 
+    def record_file(job):
+        variant, seed = job
+        return osp.join(args.out, 'work', f"{variant.replace(' ', '_')}_s{seed}",
+                        'record.json')
+
+    for job in jobs:  # before training anything: finished runs must fit this call
+        if osp.exists(record_file(job)):
+            try:
+                read_record(record_file(job), args.iters)
+            except ValueError as err:
+                p.error(str(err))
+
     def run(job):
         variant, seed = job
-        work = osp.join(args.out, 'work', f"{variant.replace(' ', '_')}_s{seed}")
-        rec_file = osp.join(work, 'record.json')
+        rec_file = record_file(job)
         if not osp.exists(rec_file):  # resumable: finished runs are kept
             print(f'[camvid_benchmark] {variant} seed {seed}', flush=True)
             subprocess.run([
@@ -248,8 +288,7 @@ def main():
                 '--iters', str(args.iters), '--data-root', args.data_root,
                 '--out', args.out
             ], check=True, stdout=subprocess.DEVNULL, env=env)
-        with open(rec_file) as f:
-            return json.load(f)
+        return read_record(rec_file, args.iters)
 
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -262,8 +301,7 @@ def main():
             rec = json.load(f)
         if rec['iters'] == args.iters:
             records.append(rec)
-    with open(osp.join(args.out, 'records.json'), 'w') as f:
-        json.dump(records, f, indent=1)
+    write_json(osp.join(args.out, 'records.json'), records)
     table = (f'CamVid val (101 images), {args.iters} iterations, batch 4, '
              f'crop 160x160 at half resolution, {args.jobs} run(s) at a time '
              f'with {env["OMP_NUM_THREADS"]} thread(s) each\n\n' +

@@ -2,8 +2,11 @@
 (benchmarks/camvid_benchmark.py, benchmarks/camvid_anomaly.py), checked on made-up records
 against hand computations: mean and sample standard deviation over seeds, per-class means,
 the mean over held-out classes (of per-class means, not pooled over runs), the seen-class
-mIoU, and the refusal of a class that CamVid does not have."""
+mIoU, and the refusal of a class that CamVid does not have; and the resume rules the long
+runs rely on (a finished run of another schedule or a half-written record in --out is named
+before anything trains; records are written atomically)."""
 import importlib.util
+import json
 import os.path as osp
 import re
 import sys
@@ -135,3 +138,75 @@ def test_an_unknown_held_out_class_is_refused_by_name(monkeypatch, capsys, tmp_p
     err = capsys.readouterr().err
     assert '--held-out cars: not CamVid classes' in err and 'pedestrian' in err
     assert not list(tmp_path.iterdir())  # nothing trained or written
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError(f'started {args[0][:4]} instead of refusing')
+
+
+def run_main(module, monkeypatch, argv):
+    monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py'] + argv)
+    monkeypatch.setattr(module.subprocess, 'run', no_training)
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2
+    return exc
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_a_run_of_another_schedule_in_out_is_refused_before_training(
+        tmp_path, monkeypatch, capsys):
+    """--iters 4000 with --out holding 1000-iteration runs: the old code skipped them as
+    finished and left them out of the table, silently."""
+    bench = load('camvid_benchmark')
+    write(tmp_path / 'work' / 'protoseg_s1' / 'record.json',
+          json.dumps(record('protoseg', 1, 35.0, [1.0] * 11) | dict(iters=1000)))
+    run_main(bench, monkeypatch, ['--iters', '4000', '--variants', 'parametric', 'protoseg',
+                                  '--seeds', '0', '1', '--out', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert 'protoseg_s1/record.json is a 1000-iteration run, this call asks for 4000' in err
+    assert 'use another --out' in err
+    assert not (tmp_path / 'work' / 'parametric_s0').exists()
+
+
+def test_a_half_written_record_is_named_not_resumed(tmp_path, monkeypatch, capsys):
+    bench = load('camvid_benchmark')
+    write(tmp_path / 'work' / 'parametric_s0' / 'record.json', '{"variant": "parame')
+    run_main(bench, monkeypatch, ['--iters', '10', '--variants', 'parametric', '--seeds', '0',
+                                  '--out', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert 'parametric_s0/record.json is not a finished run' in err
+    assert 'delete its folder to run it again' in err
+
+
+@pytest.mark.parametrize('argv', [['--iters', '0'], ['--jobs', '0'], ['--threads', '0']])
+def test_benchmark_refuses_counts_below_one(tmp_path, monkeypatch, capsys, argv):
+    bench = load('camvid_benchmark')
+    run_main(bench, monkeypatch, argv + ['--variants', 'parametric', '--out', str(tmp_path)])
+    assert '--iters, --jobs and --threads must be >= 1' in capsys.readouterr().err
+
+
+def test_anomaly_scores_of_another_schedule_are_refused(tmp_path, monkeypatch, capsys):
+    anomaly = load('camvid_anomaly')
+    work = tmp_path / 'work' / 'protoseg_no-car_s0'
+    rec = record('protoseg no-car', 0, 30.0, [1.0] * 11)
+    write(work / 'record.json', json.dumps(rec | dict(iters=1000)))
+    write(work / 'anomaly.json', json.dumps(rec | dict(iters=4000)))
+    run_main(anomaly, monkeypatch, ['--iters', '1000', '--held-out', 'car', '--seeds', '0',
+                                    '--models', 'protoseg', '--out', str(tmp_path)])
+    assert ('anomaly.json is a 4000-iteration run, this call asks for 1000'
+            in capsys.readouterr().err)
+
+
+def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path):
+    bench = load('camvid_benchmark')
+    path = tmp_path / 'record.json'
+    bench.write_json(str(path), dict(iters=5))
+    with pytest.raises(TypeError):
+        bench.write_json(str(path), dict(iters=6, bad=object()))
+    assert json.loads(path.read_text()) == dict(iters=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['record.json']
