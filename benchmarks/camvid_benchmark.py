@@ -191,7 +191,10 @@ def health_table(records, variants) -> str:
             continue
         cells = []
         for key, digits in (('effective', 1), ('exp_entropy', 2), ('cos_mean', 2)):
-            x = np.array([r['health'][key] for r in rs])
+            x = np.array([r['health'][key] for r in rs], dtype=float)
+            if np.isnan(x).all():  # e.g. the cosine between prototypes with K = 1
+                cells.append('-')
+                continue
             cells.append(f'{x.mean():.{digits}f} ± {x.std(ddof=1) if len(x) > 1 else 0:.{digits}f}')
         lines.append(f'| {v} | {len(rs)} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) if len(lines) > 2 else ''
@@ -217,10 +220,13 @@ def aggregate(records, variants) -> str:
             f"{rs[0]['params'] / 1e6:.3f} | "
             f"{np.median([r['s_per_iter'] for r in rs]):.3f} | "
             f"{max(r['peak_rss_mb'] for r in rs):.0f} |")
-        pc = np.mean([r['per_class'] for r in rs], axis=0)
-        per_class_rows.append(f'| {v} | ' + ' | '.join(f'{x:.1f}' for x in pc)
-                              + ' |')
-    lines += ['', '| model | ' + ' | '.join(classes) + ' |',
+        pc = np.array([r['per_class'] for r in rs], dtype=float)
+        spread = pc.std(axis=0, ddof=1) if len(rs) > 1 else None
+        per_class_rows.append(f'| {v} | ' + ' | '.join(
+            f'{x:.1f}' + ('' if spread is None else f' ± {spread[j]:.1f}')
+            for j, x in enumerate(pc.mean(axis=0))) + ' |')
+    lines += ['', 'IoU per class (mean ± std over seeds):', '',
+              '| model | ' + ' | '.join(classes) + ' |',
               '|' + '---|' * (len(classes) + 1)] + per_class_rows
     health = health_table(records, variants)
     if health:

@@ -60,7 +60,9 @@ def test_accuracy_table_mean_sample_std_per_class_and_health():
         assert cells[3] == f'{np.mean([80.0 + s for s in range(len(values))]):.2f}'
         per_class_table = table.split('| model | sky')[1].split('Prototype health')[0]
         class_cells = row(per_class_table, [variant])
-        assert class_cells[1:] == [f'{x:.1f}' for x in per_class[variant].mean(axis=0)]
+        assert class_cells[1:] == [
+            f'{x:.1f} ± {sd:.1f}' for x, sd in zip(per_class[variant].mean(axis=0),
+                                                  per_class[variant].std(axis=0, ddof=1))]
     header = [line for line in table.splitlines() if line.startswith('| model | sky')]
     assert header == ['| model | ' + ' | '.join(CLASSES) + ' |']
     health_table = table.split('Prototype health')[1]
@@ -76,6 +78,18 @@ def test_one_seed_reports_no_spread():
     table = bench.aggregate([record('protoseg K=1', 0, 36.87, [50.0] * 11)],
                             ['protoseg K=1'])
     assert row(table.split('| model | sky')[0], ['protoseg K=1', '1'])[2] == '36.87 ± 0.00 (36.87)'
+    assert row(table.split('| model | sky')[1], ['protoseg K=1'])[1:] == ['50.0'] * 11
+
+
+def test_health_of_one_prototype_per_class_shows_no_cosine():
+    """K = 1: no pair of prototypes, the cosine between them is NaN for every run."""
+    bench = load('camvid_benchmark')
+    health = dict(effective=1.0, exp_entropy=1.0, cos_mean=float('nan'))
+    table = bench.aggregate([record('protoseg K=1', s, 50.0 + s, [50.0] * 11, health=health)
+                             for s in range(3)], ['protoseg K=1'])
+    assert row(table.split('Prototype health')[1], ['protoseg K=1', '3'])[2:] == [
+        '1.0 ± 0.0', '1.00 ± 0.00', '-']
+    assert 'nan' not in table
 
 
 def anomaly_record(model, cls, seed, scores, per_class, health=None):
