@@ -216,7 +216,7 @@ def main():
     p.add_argument('--evaluate', nargs=2, metavar=('WORK_DIR', 'CLASS'), help=argparse.SUPPRESS)
     args = p.parse_args()
     sys.path.insert(0, osp.dirname(BENCH))
-    from camvid_benchmark import CLASSES, read_record, write_json
+    from camvid_benchmark import CLASSES, read_record, run_dir, write_json
     unknown = [c for c in args.held_out if c not in CLASSES]
     if unknown:
         p.error(f"--held-out {' '.join(unknown)}: not CamVid classes ({', '.join(CLASSES)})")
@@ -234,7 +234,7 @@ def main():
 
     def work_dir(job):
         cls, seed, model = job
-        return osp.join(args.out, 'work', f'{model}_no-{cls}_s{seed}')
+        return run_dir(args.out, f'{model} no-{cls}', seed)
 
     for job in jobs:  # before training anything: finished runs must fit this call
         for name in ('record.json', 'anomaly.json'):

@@ -67,6 +67,11 @@ ABLATIONS = ['protoseg CE only', 'protoseg CE+PPC', 'protoseg CE+PPD',
              'protoseg K=1']
 
 
+def run_dir(out: str, variant: str, seed: int) -> str:
+    """Work folder of one run (its checkpoint, logs and ``record.json``) under --out."""
+    return osp.join(out, 'work', f"{variant.replace(' ', '_')}_s{seed}")
+
+
 def write_json(path: str, data) -> None:
     """Write JSON atomically: a run killed mid-write leaves no half file to resume from."""
     tmp = f'{path}.tmp{os.getpid()}'
@@ -260,7 +265,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     if args.single:
         variant, seed = args.single[0], int(args.single[1])
-        work = osp.join(args.out, 'work', f"{variant.replace(' ', '_')}_s{seed}")
+        work = run_dir(args.out, variant, seed)
         rec = run_one(variant, seed, args.iters, args.data_root, work)
         write_json(osp.join(work, 'record.json'), rec)
         return
@@ -273,9 +278,7 @@ def main():
                OMP_NUM_THREADS=str(max(1, args.threads // args.jobs)))
 
     def record_file(job):
-        variant, seed = job
-        return osp.join(args.out, 'work', f"{variant.replace(' ', '_')}_s{seed}",
-                        'record.json')
+        return osp.join(run_dir(args.out, *job), 'record.json')
 
     for job in jobs:  # before training anything: finished runs must fit this call
         if osp.exists(record_file(job)):
