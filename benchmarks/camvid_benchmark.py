@@ -63,6 +63,7 @@ for _index, _name in enumerate(CLASSES):
     VARIANTS[f'parametric no-{_name}'] = (BASELINE, None, dict(held_out=[_index]))
     VARIANTS[f'protoseg no-{_name}'] = (PROTO, {}, dict(held_out=[_index]))
 MAIN = ['parametric', 'protoseg']
+RESUME_INTERVAL = 500
 ABLATIONS = ['protoseg CE only', 'protoseg CE+PPC', 'protoseg CE+PPD',
              'protoseg K=1']
 
@@ -145,7 +146,10 @@ def run_one(variant: str, seed: int, iters: int, data_root: str,
     cfg.train_cfg.max_iters = iters
     # No validation inside training (timed alone); evaluate with test().
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
-    cfg.default_hooks.checkpoint.interval = iters
+    # A checkpoint every RESUME_INTERVAL iterations (the last one kept): a run that was
+    # stopped resumes from it (mmengine's resume) instead of starting again.
+    cfg.default_hooks.checkpoint.update(interval=min(iters, RESUME_INTERVAL), max_keep_ckpts=1)
+    cfg.resume = bool(glob.glob(osp.join(work_dir, 'iter_*.pth')))
     cfg.default_hooks.logger.interval = 50
     cfg.randomness = dict(seed=seed)
     cfg.test_evaluator = dict(type='IoUMetricKeepClasses',
