@@ -4,6 +4,38 @@ from typing import Dict
 import numpy as np
 
 
+def _check_tpr_level(tpr_level: float) -> float:
+    """``tpr_level`` if it is a fraction in (0, 1]; 95 (a percentage) would read the FPR at
+    the first threshold, 0 with any score."""
+    ok = isinstance(tpr_level, (int, float, np.integer, np.floating)) \
+        and not isinstance(tpr_level, bool)
+    if not (ok and 0 < tpr_level <= 1):  # NaN and inf fail the comparison
+        raise ValueError(f'anomaly_metrics: invalid tpr_level={tpr_level!r} (must be a '
+                         'fraction in (0, 1], e.g. 0.95 for 95% TPR, not a percentage)')
+    return float(tpr_level)
+
+
+def _check_is_anomaly(is_anomaly: np.ndarray, shape: tuple) -> np.ndarray:
+    """``is_anomaly`` as a bool array if it is one (or holds integers 0 and 1 only) of
+    exactly ``shape``; a label map, probabilities or transposed labels are refused."""
+    labels = np.asarray(is_anomaly)
+    if labels.shape != shape:
+        raise ValueError(f'anomaly_metrics: is_anomaly has shape {labels.shape}, the scores '
+                         f'{shape}: pass one flag per score, in the same layout')
+    if labels.dtype == bool:
+        return labels
+    if labels.dtype.kind in 'ui':
+        extra = np.setdiff1d(np.unique(labels), [0, 1])
+        if extra.size == 0:
+            return labels.astype(bool)
+        raise ValueError(f'anomaly_metrics: is_anomaly holds values other than 0 and 1 '
+                         f'({extra[:5].tolist()}): it looks like a label map; pass a boolean '
+                         'mask, e.g. labels == anomaly_class')
+    raise ValueError(f'anomaly_metrics: is_anomaly must be boolean (or integers 0/1), got '
+                     f'{labels.dtype}: threshold probabilities or compare labels yourself, '
+                     'e.g. labels == anomaly_class')
+
+
 def anomaly_metrics(scores: np.ndarray, is_anomaly: np.ndarray,
                     tpr_level: float = 0.95) -> Dict[str, float]:
     """AUROC, AUPR and FPR at ``tpr_level`` TPR of ``scores`` (higher = more anomalous).
@@ -16,17 +48,19 @@ def anomaly_metrics(scores: np.ndarray, is_anomaly: np.ndarray,
 
     Args:
         scores (np.ndarray): Anomaly scores, any shape.
-        is_anomaly (np.ndarray): Bool, same shape: True for anomalous pixels.
-        tpr_level (float): TPR at which the FPR is read. Default: 0.95.
+        is_anomaly (np.ndarray): Bool (or integers 0 and 1), the scores' shape exactly: True
+            for anomalous pixels.
+        tpr_level (float): TPR at which the FPR is read, a fraction in (0, 1].
+            Default: 0.95.
 
     Returns:
         dict: ``auroc``, ``aupr``, ``fpr95`` (fractions in [0, 1]), ``positives``,
         ``negatives`` (counts).
     """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    positive = np.asarray(is_anomaly, dtype=bool).ravel()
-    if scores.shape != positive.shape:
-        raise ValueError(f'anomaly_metrics: {scores.size} scores for {positive.size} labels')
+    tpr_level = _check_tpr_level(tpr_level)
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = _check_is_anomaly(is_anomaly, scores.shape).ravel()
+    scores = scores.ravel()
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError('anomaly_metrics: needs both anomalous and normal pixels, got '

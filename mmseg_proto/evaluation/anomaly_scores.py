@@ -13,10 +13,26 @@ its nearest prototype) at the pixels of that class that the model classifies cor
 ``benchmarks/camvid_anomaly.py`` compares all of them on CamVid with classes held out of
 training (``docs/anomaly_maps.md``).
 """
+import math
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
+
+
+def _check_temperature(owner: str, temperature: float) -> float:
+    """``temperature`` if it is a finite number > 0, else a ValueError naming ``owner``: T = 0
+    divides by zero (NaN scores) and T < 0 turns the score around (inliers score high)."""
+    ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    try:
+        ok = ok and math.isfinite(temperature) and temperature > 0
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise ValueError(f'{owner}: invalid temperature={temperature!r} (must be a finite '
+                         'number > 0; 0 gives NaN scores and a negative T inverts the score)')
+    return float(temperature)
 
 
 def max_softmax_score(logits: Tensor) -> Tensor:
@@ -30,7 +46,13 @@ def max_logit_score(logits: Tensor) -> Tensor:
 
 
 def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Free energy ``-T logsumexp_c(logit_c / T)`` (Liu et al., 2020)."""
+    """Free energy ``-T logsumexp_c(logit_c / T)`` (Liu et al., 2020).
+
+    Args:
+        logits (Tensor): ``(C, ...)`` logits.
+        temperature (float): T, a finite number > 0. Default: 1.0.
+    """
+    temperature = _check_temperature('energy_score', temperature)
     return -temperature * torch.logsumexp(logits.float() / temperature, dim=0)
 
 
@@ -47,8 +69,10 @@ def prototype_energy_score(cosines: Tensor, temperature: float = 0.1) -> Tensor:
 
     Args:
         cosines (Tensor): ``(C * K, ...)`` cosines to every prototype.
-        temperature (float): T > 0. Default: 0.1, the paper's PPC temperature.
+        temperature (float): T, a finite number > 0. Default: 0.1, the paper's PPC
+            temperature.
     """
+    temperature = _check_temperature('prototype_energy_score', temperature)
     return -temperature * torch.logsumexp(cosines.float() / temperature, dim=0)
 
 
@@ -56,6 +80,11 @@ class ClassValueStatistics:
     """Running mean and standard deviation, per class, of a per-class value at the correctly
     classified pixels of that class (e.g. the logit of the true class, or its cosine to the
     nearest prototype of the true class).
+
+    The running figures are merged batch by batch (Chan et al.'s parallel variance), so equal
+    values give a variance of exactly 0. Non-finite values (a NaN or inf logit) are skipped
+    and counted in :attr:`nonfinite`; :meth:`mean_std` warns about them. A class with fewer
+    than ``min_count`` pixels gets no statistics of its own (see :meth:`mean_std`).
 
     Args:
         num_classes (int): C.
@@ -67,8 +96,11 @@ class ClassValueStatistics:
                              'positive int')
         self.num_classes = num_classes
         self.count = torch.zeros(num_classes, dtype=torch.float64)
-        self.total = torch.zeros(num_classes, dtype=torch.float64)
-        self.total_sq = torch.zeros(num_classes, dtype=torch.float64)
+        self.mean = torch.zeros(num_classes, dtype=torch.float64)
+        # Sum of squared differences from the class mean.
+        self.m2 = torch.zeros(num_classes, dtype=torch.float64)
+        #: Non-finite values skipped, per class.
+        self.nonfinite = torch.zeros(num_classes, dtype=torch.float64)
 
     @torch.no_grad()
     def update(self, values: Tensor, predicted: Tensor, labels: Tensor) -> None:
@@ -90,23 +122,83 @@ class ClassValueStatistics:
         keep = (labels >= 0) & (labels < self.num_classes) & (predicted.reshape(-1) == labels)
         cls = labels[keep]
         own = values.reshape(self.num_classes, -1)[:, keep].double()
-        own = own.gather(0, cls[None]).squeeze(0)
-        self.count += torch.bincount(cls, minlength=self.num_classes).double().cpu()
-        self.total += torch.zeros_like(self.total).index_add_(0, cls.cpu(), own.cpu())
-        self.total_sq += torch.zeros_like(self.total).index_add_(0, cls.cpu(), own.cpu() ** 2)
+        own = own.gather(0, cls[None]).squeeze(0).cpu()
+        cls = cls.cpu()
+        finite = torch.isfinite(own)
+        self.nonfinite += torch.bincount(cls[~finite], minlength=self.num_classes).double()
+        self._merge(cls[finite], own[finite])
 
-    def mean_std(self, min_std: float = 1e-6) -> Dict[str, Tensor]:
-        """Per-class ``mean`` and ``std`` (float32). A class with no pixel gets the mean and
-        standard deviation of all pixels pooled (so its score stays defined)."""
-        if self.count.sum() == 0:
-            raise ValueError('ClassValueStatistics: no correctly classified pixel was added')
-        pooled_mean = self.total.sum() / self.count.sum()
-        pooled_var = self.total_sq.sum() / self.count.sum() - pooled_mean ** 2
-        seen = self.count > 0
-        mean = torch.where(seen, self.total / self.count.clamp(min=1), pooled_mean)
-        var = torch.where(seen, self.total_sq / self.count.clamp(min=1) - mean ** 2, pooled_var)
+    def _merge(self, cls: Tensor, own: Tensor) -> None:
+        """Merge one batch's per-class count, mean and squared deviations into the totals."""
+        count = torch.bincount(cls, minlength=self.num_classes).double()
+        mean = torch.zeros_like(self.mean).index_add_(0, cls, own) / count.clamp(min=1)
+        m2 = torch.zeros_like(self.m2).index_add_(0, cls, (own - mean[cls]) ** 2)
+        total = self.count + count
+        delta = mean - self.mean
+        share = count / total.clamp(min=1)
+        self.mean += delta * share
+        self.m2 += m2 + delta ** 2 * self.count * share
+        self.count = total
+
+    def mean_std(self, min_std: float = 1e-3, min_count: int = 30) -> Dict[str, Tensor]:
+        """Per-class ``mean`` and ``std`` (float32), with ``count`` (pixels added) and
+        ``own`` (bool: the class has statistics of its own).
+
+        A class with at least ``min_count`` pixels gets its own mean and standard deviation.
+        A class with fewer (none: a class held out of training; a few: a standard deviation
+        from a handful of pixels means nothing, and one pixel has none) gets the mean and
+        standard deviation of every pixel added, all classes pooled, so its score stays
+        defined and on a wide scale; ``own`` is False for it, and a warning names the classes
+        with some but too few pixels. Every standard deviation is at least ``min_std``.
+
+        Args:
+            min_std (float): Floor of the standard deviations, in the values' units (a class
+                whose values are all equal gets it). Default: 1e-3, a thousandth of a cosine's
+                half range.
+            min_count (int): Fewest pixels a class needs for its own statistics. Default: 30.
+
+        Returns:
+            dict: ``mean``, ``std`` (float32), ``count`` (float64) and ``own`` (bool), each
+            ``(C,)``.
+        """
+        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
+            raise ValueError(f'ClassValueStatistics.mean_std: min_count={min_count!r} must be '
+                             'an integer >= 1')
+        if not isinstance(min_std, (int, float)) or isinstance(min_std, bool) \
+                or not math.isfinite(min_std) or min_std <= 0:
+            raise ValueError(f'ClassValueStatistics.mean_std: min_std={min_std!r} must be a '
+                             'finite number > 0')
+        self._warn_nonfinite()
+        total = self.count.sum()
+        if total < min_count:
+            raise ValueError(
+                f'ClassValueStatistics: {int(total)} correctly classified pixel(s) with a '
+                f'finite value were added, fewer than min_count={min_count}: add more '
+                'pixels (more images), or lower min_count')
+        pooled_mean = (self.count * self.mean).sum() / total
+        pooled_var = (self.m2 + self.count * (self.mean - pooled_mean) ** 2).sum() / total
+        own = self.count >= min_count
+        few = ((self.count > 0) & ~own).nonzero().flatten().tolist()
+        if few:
+            warnings.warn(
+                f'ClassValueStatistics: classes {few} have fewer than min_count={min_count} '
+                f'pixels ({[int(self.count[c]) for c in few]}): they get the pooled mean and '
+                'standard deviation of all classes, not their own', UserWarning, stacklevel=2)
+        mean = torch.where(own, self.mean, pooled_mean)
+        var = torch.where(own, self.m2 / self.count.clamp(min=1), pooled_var)
         std = var.clamp(min=0).sqrt().clamp(min=min_std)
-        return dict(mean=mean.float(), std=std.float())
+        return dict(mean=mean.float(), std=std.float(), count=self.count.clone(), own=own)
+
+    def _warn_nonfinite(self) -> None:
+        """Warn about the non-finite values :meth:`update` skipped."""
+        bad = self.nonfinite.nonzero().flatten().tolist()
+        if bad:
+            warnings.warn(
+                f'ClassValueStatistics: skipped {int(self.nonfinite.sum())} non-finite '
+                f'value(s) (NaN or inf) of correctly classified pixels, classes {bad} '
+                f'({[int(self.nonfinite[c]) for c in bad]} each); the statistics use the '
+                'finite ones. Non-finite logits or cosines mean the model is broken '
+                '(check its checkpoint)', UserWarning, stacklevel=3)
 
 
 def class_normalised_score(values: Tensor, statistics: Dict[str, Tensor],

@@ -151,3 +151,22 @@ def test_no_warning_for_classes_that_occur_or_lie_below_a_label_seen(classes, mo
 def test_needs_the_label_map():
     with pytest.raises(KeyError, match="IgnoreClasses needs 'gt_seg_map'.*LoadAnnotations"):
         IgnoreClasses(classes=[1])(dict(img=np.zeros((2, 2, 3), np.uint8)))
+
+
+def test_ignore_index_minus_one_still_warns_about_a_class_above_every_label(monkeypatch):
+    """Pin (issue 28 section 7): with ignore_index=-1 the void label 255 of the maps is not a
+    class label either; a listed class above every label that occurred (99 in maps of classes
+    0..10 and 255) is warned about."""
+    monkeypatch.setattr(IgnoreClasses, 'WARN_AFTER', 3)
+    maps = [label_map(seed) for seed in range(3)]
+    assert all((m == VOID).any() for m in maps)
+    largest = max(int(m[m != VOID].max()) for m in maps)  # 10
+    transform = IgnoreClasses(classes=[3, 99], ignore_index=-1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for seg in maps:
+            out = transform(dict(gt_seg_map=seg))['gt_seg_map']
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert (f'IgnoreClasses: classes [99] of classes=[3, 99] did not occur in the first 3 '
+            f'label maps, whose largest class label is {largest}') in str(caught[0].message)
+    np.testing.assert_array_equal(out, expected(maps[-1], [3, 99], -1))
