@@ -29,7 +29,6 @@ computed at the decoder's resolution and resized bilinearly to the label size. W
 """
 import argparse
 import glob
-import json
 import os
 import os.path as osp
 import subprocess
@@ -182,7 +181,7 @@ def table(records, held_out) -> str:
         lines.append(f'| {model} | {name} | ' + ' | '.join(
             f'{np.mean(metrics[k]):.1f}' for k in ('auroc', 'aupr', 'fpr95')) +
             f" | {len(metrics['auroc'])} |")
-    health = [r for r in records if 'health' in r]
+    health = [r for r in records if r.get('health')]
     if health:
         lines += ['', '### ProtoSeg prototype health on val (seen classes, mean over classes)',
                   '', '| held out | seeds | effective prototypes (>= 1%) | exp-entropy of use | '
@@ -216,7 +215,7 @@ def main():
     p.add_argument('--evaluate', nargs=2, metavar=('WORK_DIR', 'CLASS'), help=argparse.SUPPRESS)
     args = p.parse_args()
     sys.path.insert(0, osp.dirname(BENCH))
-    from camvid_benchmark import CLASSES, read_record, run_dir, write_json
+    from camvid_benchmark import ANOMALY_KEYS, CLASSES, read_record, run_dir, write_json
     unknown = [c for c in args.held_out if c not in CLASSES]
     if unknown:
         p.error(f"--held-out {' '.join(unknown)}: not CamVid classes ({', '.join(CLASSES)})")
@@ -224,8 +223,10 @@ def main():
         p.error('--iters and --jobs must be positive')
     if args.evaluate:  # one model, in its own process (see run() below)
         work, cls = args.evaluate
-        with open(osp.join(work, 'record.json')) as f:
-            record = json.load(f)
+        try:
+            record = read_record(osp.join(work, 'record.json'), args.iters)
+        except ValueError as err:
+            p.error(str(err))
         record.update(evaluate(work, args.data_root, cls, args.device), held_out=cls)
         write_json(osp.join(work, 'anomaly.json'), record)
         return
@@ -236,13 +237,29 @@ def main():
         cls, seed, model = job
         return run_dir(args.out, f'{model} no-{cls}', seed)
 
+    if args.report_only and not osp.isdir(args.out):
+        p.error(f'--out {args.out}: no such folder; --report-only writes the tables of the '
+                'runs scored there: give the --out of an earlier call')
+
+    def read_scores(work, cls, iters):
+        """The checked anomaly.json of the run in ``work``, held-out class ``cls``."""
+        record = read_record(osp.join(work, 'anomaly.json'), iters, ANOMALY_KEYS,
+                             advice='delete it to score the run again')
+        if record.get('held_out', cls) != cls:
+            raise ValueError(f"{osp.join(work, 'anomaly.json')} scores held-out class "
+                             f"{record['held_out']!r}, its folder is a run without {cls!r}; "
+                             'delete it to score the run again')
+        return record
+
+    scored = {}  # job -> its anomaly.json record
     for job in jobs:  # before training anything: finished runs must fit this call
-        for name in ('record.json', 'anomaly.json'):
-            if osp.exists(osp.join(work_dir(job), name)):
-                try:
-                    read_record(osp.join(work_dir(job), name), args.iters)
-                except ValueError as err:
-                    p.error(str(err))
+        try:
+            if osp.exists(osp.join(work_dir(job), 'record.json')):
+                read_record(osp.join(work_dir(job), 'record.json'), args.iters)
+            if osp.exists(osp.join(work_dir(job), 'anomaly.json')):
+                scored[job] = read_scores(work_dir(job), job[0], args.iters)
+        except ValueError as err:
+            p.error(str(err))
 
     def run(job):
         """Train (camvid_benchmark.py's run) and evaluate one model; both resumable."""
@@ -256,22 +273,20 @@ def main():
                            check=True, stdout=subprocess.DEVNULL, env=env)
         if not osp.exists(osp.join(work, 'anomaly.json')):
             print(f'[camvid_anomaly] scoring {variant} seed {seed}', flush=True)
-            subprocess.run([sys.executable, __file__, '--evaluate', work, cls, '--data-root',
-                            args.data_root, '--device', args.device], check=True,
-                           stdout=subprocess.DEVNULL, env=env)
-        return read_record(osp.join(work, 'anomaly.json'), args.iters)
+            subprocess.run([sys.executable, __file__, '--evaluate', work, cls, '--iters',
+                            str(args.iters), '--data-root', args.data_root, '--device',
+                            args.device], check=True, stdout=subprocess.DEVNULL, env=env)
+        return read_scores(work, cls, args.iters)
 
     from concurrent.futures import ThreadPoolExecutor
     if args.report_only:
-        done = [osp.join(work_dir(job), 'anomaly.json') for job in jobs]
-        missing = [d for d in done if not osp.exists(d)]
+        missing = [osp.join(work_dir(job), 'anomaly.json') for job in jobs if job not in scored]
+        if len(missing) == len(jobs):
+            p.error(f'--report-only: no run of this call is scored in --out {args.out} '
+                    f'(at --iters {args.iters}): run it without --report-only first')
         if missing:
             print(f'[camvid_anomaly] not scored yet, left out: {missing}', flush=True)
-        records = []
-        for d in done:
-            if osp.exists(d):
-                with open(d) as f:
-                    records.append(json.load(f))
+        records = [scored[job] for job in jobs if job in scored]
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
             records = list(pool.map(run, jobs))

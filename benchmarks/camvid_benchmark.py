@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Optional
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 BASELINE = osp.join(REPO, 'configs/baselines/camvid/'
@@ -85,20 +86,116 @@ def write_json(path: str, data) -> None:
             os.remove(tmp)
 
 
-def read_record(path: str, iters: int) -> dict:
-    """A finished run's record; ValueError (saying what to do) if it cannot be resumed from:
-    unreadable, or a run at another number of iterations in the same --out."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _list_of(check):
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
+
+
+def _is_health(value) -> bool:
+    return value is None or (isinstance(value, dict) and HEALTH_KEYS <= set(value) and all(
+        _is_number(v) for v in value.values()))
+
+
+def _is_anomaly(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(name, str) and isinstance(m, dict) and SCORE_KEYS <= set(m)
+        and all(_is_number(x) for x in m.values()) for name, m in value.items())
+
+
+HEALTH_KEYS = {'effective', 'exp_entropy', 'cos_mean'}  # what the tables read
+SCORE_KEYS = {'auroc', 'aupr', 'fpr95'}
+# key -> (check, what it must be): the record.json of a finished run (run_one's record)
+RECORD_KEYS = {
+    'variant': (lambda v: isinstance(v, str), 'a variant name'),
+    'seed': (_is_int, 'an integer'),
+    'iters': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'mIoU': (_is_number, 'a number'),
+    'aAcc': (_is_number, 'a number'),
+    'per_class': (_list_of(_is_number), 'a list of numbers, one per class'),
+    'classes': (_list_of(lambda v: isinstance(v, str)), 'a list of class names'),
+    'params': (_is_int, 'an integer'),
+    's_per_iter': (_is_number, 'a number'),
+    'peak_rss_mb': (_is_number, 'a number'),
+}
+# Keys a record may lack (records of earlier versions have no 'health', earlier anomaly
+# scores no 'held_out' and pixel counts).
+OPTIONAL_KEYS = {
+    'health': (_is_health, f'null or a dict of numbers with {sorted(HEALTH_KEYS)}'),
+    'held_out': (lambda v: v in CLASSES, f'a CamVid class, one of {list(CLASSES)}'),
+    'anomaly_pixels': (_is_int, 'an integer'),
+    'pixels': (_is_int, 'an integer'),
+}
+# The anomaly.json of a scored run (benchmarks/camvid_anomaly.py): the run's record and its
+# scores.
+ANOMALY_KEYS = dict(
+    RECORD_KEYS,
+    anomaly=(_is_anomaly, f'a dict: score name -> dict of numbers with {sorted(SCORE_KEYS)}'))
+
+
+def record_problems(record, keys: dict) -> list:
+    """What is wrong with a loaded record: missing keys, values of the wrong type, per-class
+    IoU not one per class; [] when none."""
+    if not isinstance(record, dict):
+        return [f'it holds a JSON {type(record).__name__}, not an object']
+    problems = [f"'{key}' is missing" for key in keys if key not in record]
+    for key, (check, what) in {**keys, **OPTIONAL_KEYS}.items():
+        if key in record and not check(record[key]):
+            problems.append(f"'{key}' is {record[key]!r:.80} (must be {what})")
+    if not problems and len(record['per_class']) != len(record['classes']):
+        problems.append(f"'per_class' has {len(record['per_class'])} values for "
+                        f"{len(record['classes'])} classes")
+    return problems
+
+
+def read_record(path: str, iters: Optional[int] = None, keys: dict = RECORD_KEYS,
+                advice: str = 'delete its folder to run it again') -> dict:
+    """A finished run's record, every key in ``keys`` checked; ValueError (naming the file,
+    what is wrong and what to do) if it cannot be used: unreadable, a key missing or of
+    the wrong type, the record of another run than its folder's, or (``iters`` given) a run
+    at another number of iterations in the same --out.
+
+    Args:
+        path (str): ``record.json`` (or ``anomaly.json``) in a run's folder (:func:`run_dir`).
+        iters (int, optional): The schedule this call asks for; None: any.
+        keys (dict): Required key -> (check, what it must be). Default: :data:`RECORD_KEYS`.
+        advice (str): What to do about a record that is not usable.
+    """
     try:
         with open(path) as f:
             record = json.load(f)
-        done_iters = record['iters']
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise ValueError(f'{path} is not a finished run ({type(err).__name__}: {err}); '
-                         'delete its folder to run it again') from None
-    if done_iters != iters:
-        raise ValueError(f'{path} is a {done_iters}-iteration run, this call asks for '
+                         f'{advice}') from None
+    if isinstance(record, dict) and 'iters' in record and keys['iters'][0](record['iters']) \
+            and iters is not None and record['iters'] != iters:
+        raise ValueError(f"{path} is a {record['iters']}-iteration run, this call asks for "
                          f'{iters}: use another --out for each schedule')
+    problems = record_problems(record, keys)
+    if problems:
+        raise ValueError(f'{path} is not a finished run: ' + '; '.join(problems) +
+                         f'; {advice}')
+    folder = osp.basename(osp.dirname(osp.abspath(path)))
+    own = osp.basename(run_dir('', record['variant'], record['seed']))
+    if folder != own:
+        raise ValueError(f"{path} is the record of {record['variant']!r} seed "
+                         f"{record['seed']}, whose folder is {own}, not {folder}; {advice}")
     return record
+
+
+def finished_records(out: str, own: list, iters: int) -> list:
+    """Every record under ``out``/work, checked (:func:`read_record`); the files in ``own``
+    (this call's runs) must also be ``iters``-iteration runs. ValueError names the first
+    record at fault."""
+    own = {osp.abspath(path) for path in own}
+    return [read_record(path, iters if osp.abspath(path) in own else None)
+            for path in sorted(glob.glob(osp.join(out, 'work', '*', 'record.json')))]
 
 
 def run_one(variant: str, seed: int, iters: int, data_root: str,
@@ -284,12 +381,12 @@ def main():
     def record_file(job):
         return osp.join(run_dir(args.out, *job), 'record.json')
 
-    for job in jobs:  # before training anything: finished runs must fit this call
-        if osp.exists(record_file(job)):
-            try:
-                read_record(record_file(job), args.iters)
-            except ValueError as err:
-                p.error(str(err))
+    # Before training anything: every record in --out is read for the tables, and this
+    # call's finished runs must be of its schedule.
+    try:
+        finished_records(args.out, [record_file(job) for job in jobs], args.iters)
+    except ValueError as err:
+        p.error(str(err))
 
     def run(job):
         variant, seed = job
@@ -308,12 +405,8 @@ def main():
         list(pool.map(run, jobs))
     # records.json and results.md hold every run finished in this --out at this schedule,
     # this call's and earlier calls' (other variants or seeds), not only this call's.
-    records = []
-    for rec_file in sorted(glob.glob(osp.join(args.out, 'work', '*', 'record.json'))):
-        with open(rec_file) as f:
-            rec = json.load(f)
-        if rec['iters'] == args.iters:
-            records.append(rec)
+    records = [rec for rec in finished_records(args.out, [], args.iters)
+               if rec['iters'] == args.iters]
     write_json(osp.join(args.out, 'records.json'), records)
     table = (f'CamVid val (101 images), {args.iters} iterations, batch 4, '
              f'crop 160x160 at half resolution, {args.jobs} run(s) at a time '

@@ -14,6 +14,9 @@ import glob
 import json
 import os
 import os.path as osp
+import re
+import sys
+from typing import Optional
 
 import numpy as np
 import torch
@@ -52,25 +55,55 @@ def health_of_run(work_dir: str, data_root: str) -> dict:
     return {key: float(value[present].mean()) for key, value in health.items()}
 
 
+def finished_runs(out: str, variants: list, iters: Optional[int] = None) -> dict:
+    """variant -> [(run folder, checked record)] of the runs of ``variants`` under ``out``;
+    ValueError (naming the file or the schedules) if a record is unusable, or the runs are
+    of several schedules and ``iters`` does not say which one."""
+    sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+    from camvid_benchmark import read_record, run_dir
+    runs = {}
+    for variant in variants:
+        prefix = run_dir(out, variant, 0)[:-1]  # '<out>/work/<variant>_s'
+        folders = sorted(f for f in glob.glob(glob.escape(prefix) + '*')
+                         if re.fullmatch(r'-?\d+', f[len(prefix):]))
+        found = [(f, read_record(osp.join(f, 'record.json'))) for f in folders
+                 if osp.exists(osp.join(f, 'record.json'))]
+        runs[variant] = [(f, r) for f, r in found if iters is None or r['iters'] == iters]
+    schedules = sorted({r['iters'] for found in runs.values() for _, r in found})
+    if len(schedules) > 1:
+        raise ValueError(f'{out} holds runs of {schedules} iterations for these variants: '
+                         'pass --iters to say which schedule to report')
+    return runs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--out', required=True, help="camvid_benchmark.py's --out")
     p.add_argument('--variants', nargs='+', required=True)
     p.add_argument('--data-root', default=os.environ.get(
         'MMSEG_PROTO_CAMVID', osp.join(REPO, '..', 'shared', 'data', 'camvid')))
+    p.add_argument('--iters', type=int,
+                   help='the schedule to report, when --out holds runs of several')
     args = p.parse_args()
+    if not osp.isdir(osp.join(args.out, 'work')):
+        p.error(f"--out {args.out}: no 'work' folder of camvid_benchmark.py runs; give the "
+                "--out of camvid_benchmark.py")
+    try:  # before the long health pass: every record is usable
+        runs = finished_runs(args.out, args.variants, args.iters)
+    except ValueError as err:
+        p.error(str(err))
+    if not any(runs.values()):
+        p.error(f'no finished run of {args.variants} in {args.out}/work'
+                + (f' at --iters {args.iters}' if args.iters else ''))
     rows = ['| variant | seeds | val mIoU | effective prototypes / class | exp-entropy of use '
             '| mean pairwise cosine | prototype to class-mean cosine |', '|' + '---|' * 7]
     records = []
     for variant in args.variants:
-        runs = sorted(glob.glob(osp.join(args.out, 'work', variant.replace(' ', '_') + '_s*')))
-        runs = [r for r in runs if osp.exists(osp.join(r, 'record.json'))]
-        if not runs:
+        if not runs[variant]:
+            print(f'[camvid_prototype_use] no finished run of {variant!r}, left out')
             continue
         found = []
-        for run in runs:
-            with open(osp.join(run, 'record.json')) as f:
-                record = json.load(f)
+        for run, record in runs[variant]:
             record['health'] = health_of_run(run, args.data_root)
             found.append(record)
         records += found

@@ -5,6 +5,7 @@ the mean over held-out classes (of per-class means, not pooled over runs), the s
 mIoU, and the refusal of a class that CamVid does not have; and the resume rules the long
 runs rely on (a finished run of another schedule or a half-written record in --out is named
 before anything trains; records are written atomically)."""
+import glob
 import importlib.util
 import json
 import os.path as osp
@@ -224,3 +225,156 @@ def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path):
         bench.write_json(str(path), dict(iters=6, bad=object()))
     assert json.loads(path.read_text()) == dict(iters=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['record.json']
+
+
+# Issue 28 section 6: records are checked once, key by key, before anything trains.
+
+def bench_record(variant, seed, iters=10, **changes):
+    rec = record(variant, seed, 40.0, [1.0] * 11) | dict(iters=iters)
+    return rec | changes
+
+
+def put(tmp_path, folder, rec, name='record.json'):
+    write(tmp_path / 'work' / folder / name,
+          rec if isinstance(rec, str) else json.dumps(rec))
+
+
+@pytest.mark.parametrize('folder,content,named', [
+    ('parametric_s0', {'iters': 10}, "'variant' is missing; 'seed' is missing"),
+    ('parametric_s0', bench_record('parametric', 0, iters='10'),
+     "'iters' is '10' (must be an integer >= 1)"),
+    ('parametric_s0', bench_record('parametric', 0, per_class=[1.0] * 3),
+     "'per_class' has 3 values for 11 classes"),
+    ('parametric_s0', bench_record('parametric', 0, health={'effective': 'x'}),
+     "'health' is {'effective': 'x'} (must be null or a dict of numbers"),
+    ('parametric_s0', bench_record('parametric', 0, mIoU=None),
+     "'mIoU' is None (must be a number)"),
+    ('parametric_s0', '[1, 2]', 'it holds a JSON list, not an object'),
+    ('parametric_s0', bench_record('protoseg', 0),
+     "is the record of 'protoseg' seed 0, whose folder is protoseg_s0, not parametric_s0"),
+    # A stale partial record of a variant this call does not run: it would be read for the
+    # tables after training.
+    ('protoseg_K=1_s0', {'iters': 10}, "'variant' is missing"),
+])
+def test_a_record_that_cannot_be_used_is_named_before_training(
+        tmp_path, monkeypatch, capsys, folder, content, named):
+    bench = load('camvid_benchmark')
+    put(tmp_path, folder, content)
+    run_main(bench, monkeypatch, ['--iters', '10', '--variants', 'parametric', '--seeds', '0',
+                                  '--out', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f'{folder}/record.json is ' in err and named in err, err
+    assert 'delete its folder to run it again' in err
+    assert 'this call asks for' not in err
+
+
+def test_finished_records_are_tabled_and_other_schedules_left_out(tmp_path, monkeypatch):
+    bench = load('camvid_benchmark')
+    put(tmp_path, 'parametric_s0', bench_record('parametric', 0, iters=10))
+    put(tmp_path, 'protoseg_s0', bench_record('protoseg', 0, iters=20))
+    monkeypatch.setattr(sys, 'argv', ['camvid_benchmark.py', '--iters', '10', '--variants',
+                                      'parametric', '--seeds', '0', '--out', str(tmp_path)])
+    monkeypatch.setattr(bench.subprocess, 'run', no_training)
+    bench.main()
+    records = json.loads((tmp_path / 'records.json').read_text())
+    assert [(r['variant'], r['iters']) for r in records] == [('parametric', 10)]
+    assert '| parametric | 1 |' in (tmp_path / 'results.md').read_text()
+
+
+def test_the_shipped_records_pass_the_checks():
+    """Every record the README's numbers come from is a valid record (earlier versions'
+    records lack 'health')."""
+    bench = load('camvid_benchmark')
+    paths = sorted(glob.glob(osp.join(REPO, 'benchmarks', 'results', '*', 'work', '*',
+                                      'record.json')))
+    for path in paths:
+        bench.read_record(path)
+    for name in ('camvid_records.json', 'camvid_anomaly_records.json',
+                 'camvid_anomaly_heldout_records.json'):
+        path = osp.join(REPO, 'benchmarks', 'results', name)
+        if osp.exists(path):
+            keys = bench.ANOMALY_KEYS if 'anomaly' in name else bench.RECORD_KEYS
+            with open(path) as f:
+                for rec in json.load(f):
+                    assert bench.record_problems(rec, keys) == [], (name, rec['variant'])
+
+
+def test_anomaly_report_only_on_a_missing_out_is_named(tmp_path, monkeypatch, capsys):
+    anomaly = load('camvid_anomaly')
+    out = tmp_path / 'no_such_folder'
+    run_main(anomaly, monkeypatch, ['--report-only', '--held-out', 'car', '--out', str(out)])
+    err = capsys.readouterr().err
+    assert f'--out {out}: no such folder' in err and 'FileNotFoundError' not in err
+    assert not out.exists()
+
+
+def anomaly_json(model, cls, seed, iters=10, **changes):
+    rec = bench_record(f'{model} no-{cls}', seed, iters, held_out=cls, anomaly_pixels=5,
+                       pixels=100, anomaly={'energy': dict(auroc=0.8, aupr=0.3, fpr95=0.5,
+                                                           positives=5, negatives=95)})
+    return rec | changes
+
+
+@pytest.mark.parametrize('content,named', [
+    ({'iters': 10}, "'variant' is missing"),
+    (anomaly_json('protoseg', 'car', 0, iters='10'), "'iters' is '10'"),
+    (anomaly_json('protoseg', 'car', 0, anomaly={'energy': {'auroc': 0.5}}),
+     "'anomaly' is {'energy': {'auroc': 0.5}} (must be a dict: score name"),
+    (anomaly_json('protoseg', 'car', 0, held_out='pedestrian'),
+     "scores held-out class 'pedestrian', its folder is a run without 'car'"),
+])
+def test_anomaly_scores_that_cannot_be_used_are_named(tmp_path, monkeypatch, capsys, content,
+                                                      named):
+    anomaly = load('camvid_anomaly')
+    put(tmp_path, 'protoseg_no-car_s0', content, 'anomaly.json')
+    for argv in (['--report-only'], []):
+        run_main(anomaly, monkeypatch, argv + [
+            '--iters', '10', '--held-out', 'car', '--seeds', '0', '--models', 'protoseg',
+            '--out', str(tmp_path)])
+        err = capsys.readouterr().err
+        assert 'protoseg_no-car_s0/anomaly.json is' in err or 'anomaly.json scores' in err
+        assert named in err and 'delete it to score the run again' in err, err
+    assert not (tmp_path / 'anomaly_results.md').exists()
+
+
+def test_anomaly_report_only_tables_the_scored_runs(tmp_path, monkeypatch, capsys):
+    anomaly = load('camvid_anomaly')
+    put(tmp_path, 'protoseg_no-car_s0', anomaly_json('protoseg', 'car', 0), 'anomaly.json')
+    argv = ['--report-only', '--iters', '10', '--held-out', 'car', 'pedestrian', '--seeds',
+            '0', '--models', 'protoseg', '--out', str(tmp_path)]
+    monkeypatch.setattr(sys, 'argv', ['camvid_anomaly.py'] + argv)
+    monkeypatch.setattr(anomaly.subprocess, 'run', no_training)
+    anomaly.main()
+    assert 'not scored yet, left out' in capsys.readouterr().out
+    assert '| protoseg | energy | 80.0 (80.0) |' in (
+        tmp_path / 'anomaly_results.md').read_text()
+    # Nothing scored for this call: refused, not an empty table.
+    run_main(anomaly, monkeypatch, argv[:4] + ['pedestrian'] + argv[6:])
+    assert 'no run of this call is scored' in capsys.readouterr().err
+
+
+def test_prototype_use_checks_records_before_the_health_pass(tmp_path, monkeypatch, capsys):
+    use = load('camvid_prototype_use')
+
+    def no_health(*args):
+        raise AssertionError('measured health instead of refusing')
+    monkeypatch.setattr(use, 'health_of_run', no_health)
+
+    def refused(argv):
+        monkeypatch.setattr(sys, 'argv', ['camvid_prototype_use.py'] + argv)
+        with pytest.raises(SystemExit) as exc:
+            use.main()
+        assert exc.value.code == 2
+        return capsys.readouterr().err
+
+    err = refused(['--out', str(tmp_path / 'none'), '--variants', 'protoseg'])
+    assert "no 'work' folder of camvid_benchmark.py runs" in err
+    put(tmp_path, 'protoseg_s0', {'iters': 10})
+    err = refused(['--out', str(tmp_path), '--variants', 'protoseg'])
+    assert "protoseg_s0/record.json is not a finished run: 'variant' is missing" in err
+    put(tmp_path, 'protoseg_s0', bench_record('protoseg', 0, iters=10))
+    put(tmp_path, 'protoseg_s1', bench_record('protoseg', 1, iters=20))
+    err = refused(['--out', str(tmp_path), '--variants', 'protoseg'])
+    assert 'holds runs of [10, 20] iterations' in err and 'pass --iters' in err
+    err = refused(['--out', str(tmp_path), '--variants', 'protoseg K=1'])
+    assert "no finished run of ['protoseg K=1']" in err
