@@ -28,13 +28,37 @@ def test_bad_option_gets_a_proto_head_message_naming_the_key(key, value):
     assert 'must be' in str(err.value)
 
 
-@pytest.mark.parametrize('value', [float('inf'), float('nan')])
-def test_huber_delta_must_be_finite(value):
-    # inf would make every huberized similarity 1: each class score the same constant.
+@pytest.mark.parametrize('value', [float('inf'), float('nan'), 2.001, 16.0, 1e3, 1e6])
+def test_huber_delta_must_be_in_its_useful_range(value):
+    """Issue 28: 1e3 and 1e6 were accepted and collapsed the class scores as inf did."""
     with pytest.raises(ValueError, match=rf'ProtoHead: invalid huber_delta={value!r} '
-                                         r'\(must be a finite number > 0'):
+                                         r'\(must be a finite number in \(0, 2\], e\.g\. 1\.0: '
+                                         'distances between unit vectors are at most 2'):
         make_head(distance='huberized', huber_delta=value)
-    assert make_head(distance='huberized', huber_delta=1e3).scorer.huber_delta == 1e3
+    for fine in (1e-3, 1.0, 2, 2.0):
+        assert make_head(distance='huberized', huber_delta=fine).scorer.huber_delta == fine
+
+
+def test_above_two_the_huberized_distance_is_a_shrunk_cosine_whose_scores_collapse():
+    """Why the bound is 2, against hand computations: beyond it every distance between unit
+    vectors is on the quadratic branch, 1 - s = d^2 / (2 delta) = (1 - cos) / delta, and the
+    LayerNorm over classes flattens what is left (logit spread measured at 1e3 and 1e6)."""
+    from mmseg_proto.models.utils.prototype_distance import similarity_from_cosine
+    cos = torch.linspace(-1, 1, 101)
+    for delta in (2.0, 3.0, 1e3):
+        s = similarity_from_cosine(cos, 'huberized', delta)
+        torch.testing.assert_close(s, 1 - (1 - cos) / delta, atol=1e-6, rtol=0)
+    # Below 2 the linear branch is used: at cos = -1 (d = 2), delta 1 gives 2 - 1/2.
+    assert similarity_from_cosine(torch.tensor([-1.0]), 'huberized', 1.0).item() == \
+        pytest.approx(1 - 1.5)
+    torch.manual_seed(0)
+    head = make_head(num_classes=11, channels=32, num_prototypes=10, distance='huberized')
+    cos = torch.rand(2, 8, 8, 11, 10) * 2 - 1  # cosines of unit vectors, any layout
+    spread = {}
+    for delta in (1.0, 1e3, 1e6):
+        sim = similarity_from_cosine(cos, 'huberized', delta).amax(-1)
+        spread[delta] = head.mask_norm(sim).std(-1).mean().item()
+    assert spread[1.0] > 0.9 and spread[1e3] < 0.1 * spread[1.0] and spread[1e6] < 1e-3
 
 
 def test_one_class_is_refused_with_what_to_do():
