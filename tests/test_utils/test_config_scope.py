@@ -81,3 +81,100 @@ def test_importing_the_package_changes_nothing_process_wide():
         'print("unchanged")\n')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert out.returncode == 0 and 'unchanged' in out.stdout, out.stderr[-2000:]
+
+
+# --- issue 28: mmseg_proto:: in an editable install, a source checkout of mmseg ---------------
+
+CAMVID = 'protoseg/camvid/protoseg_segformer_mit-b0_1xb4-80it_camvid-160x160.py'
+
+
+def write_user_config(tmp_path):
+    path = tmp_path / 'my_camvid.py'
+    path.write_text(f"_base_ = ['mmseg_proto::{CAMVID}']\n"
+                    'model = dict(decode_head=dict(num_prototypes=3))\n')
+    return str(path)
+
+
+def mmengine_config_state():
+    from mmengine.config import config as config_module
+    table = getattr(config_utils, 'MODULE2PACKAGE', None) or config_utils.PKG2PROJECT
+    return dict(table), config_module.get_installed_path
+
+
+def test_package_scope_reads_the_imported_package_in_an_editable_install(tmp_path,
+                                                                          monkeypatch):
+    """Issue 28: with `pip install -e` (the README's set-up) the distribution's location is
+    site-packages, the package stays in the clone; mmengine looked for
+    site-packages/mmseg_proto/.mim/model-index.yml and failed with a raw FileNotFoundError.
+    The scope reads the configs of the package that was imported."""
+    from mmengine.config import config as config_module
+    site = tmp_path / 'site-packages'
+    site.mkdir()
+    # What mmengine's lookup gives for an editable install: <dist location>/mmseg_proto.
+    real = config_module.get_installed_path
+    monkeypatch.setattr(config_module, 'get_installed_path', lambda package: str(
+        site / package) if package == 'mmseg_proto' else real(package))
+    before = mmengine_config_state()
+    with mmseg_proto_config_scope():
+        cfg = Config.fromfile(write_user_config(tmp_path))
+    assert mmengine_config_state() == before
+    head = cfg.model.decode_head
+    assert (head.type, head.num_prototypes, head.num_classes) == ('ProtoHead', 3, 11)
+
+
+def test_package_scope_works_with_the_installed_environment(tmp_path):
+    """The same without simulation: however this environment installed mmseg_proto."""
+    before = mmengine_config_state()
+    with mmseg_proto_config_scope():
+        cfg = Config.fromfile(write_user_config(tmp_path))
+    assert cfg.model.decode_head.num_prototypes == 3
+    assert mmengine_config_state() == before
+
+
+def test_a_copy_without_its_mim_folder_says_how_to_create_it(tmp_path, monkeypatch):
+    """A source checkout that was never installed has no mmseg_proto/.mim: a message that
+    names the folder and `pip install -e`, not a raw FileNotFoundError of a yml file."""
+    import mmseg_proto
+    clone = tmp_path / 'clone'
+    (clone / 'mmseg_proto').mkdir(parents=True)
+    monkeypatch.setattr(mmseg_proto, '__file__', str(clone / 'mmseg_proto' / '__init__.py'))
+    before = mmengine_config_state()
+    with pytest.raises(FileNotFoundError) as info:
+        with mmseg_proto_config_scope():
+            Config.fromfile(write_user_config(tmp_path))
+    message = str(info.value)
+    assert message.startswith('mmseg_proto: `mmseg_proto::` configs are read from '
+                              f'{clone / "mmseg_proto" / ".mim"}')
+    assert f'pip install -e {clone}' in message
+    assert 'model-index.yml' not in message
+    assert mmengine_config_state() == before
+
+
+def test_scope_works_when_mmseg_is_a_source_checkout(tmp_path, monkeypatch):
+    """Issue 28, section 7: `mmseg` imported from a source checkout that no installed
+    distribution provides (module_distributions gives none): the scope leaves mmengine's
+    `mmseg` entry alone, still resolves mmseg_proto::, and leaves nothing behind."""
+    from mmseg_proto.utils import stack_check
+    monkeypatch.setattr(stack_check, 'module_distributions', lambda module: [])
+    before = mmengine_config_state()
+    with mmseg_proto_config_scope():
+        table = getattr(config_utils, 'MODULE2PACKAGE', None) or config_utils.PKG2PROJECT
+        assert table['mmseg'] == before[0]['mmseg']
+        assert table['mmseg_proto'] == 'mmseg_proto'
+        cfg = Config.fromfile(write_user_config(tmp_path))
+    assert cfg.model.decode_head.type == 'ProtoHead'
+    assert mmengine_config_state() == before
+    assert 'mmseg_proto' not in before[0]
+
+
+def test_nested_scopes_restore_mmengine_once(tmp_path):
+    """A tool that enters the scope inside another (vis_embedding does) restores mmengine
+    when the outer block ends, not earlier."""
+    from mmengine.config import config as config_module
+    before = mmengine_config_state()
+    with mmseg_proto_config_scope():
+        with mmseg_proto_config_scope():
+            pass
+        assert config_module.get_installed_path is not before[1]
+        Config.fromfile(write_user_config(tmp_path))
+    assert mmengine_config_state() == before
