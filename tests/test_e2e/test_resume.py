@@ -29,6 +29,7 @@ import pytest
 import torch
 from conftest import PROTO_CFG, REPO
 from mmengine.config import Config
+from mmengine.hooks import Hook
 from mmengine.runner import CheckpointLoader, Runner
 from mmengine.runner.loops import _InfiniteDataloaderIterator
 
@@ -245,3 +246,52 @@ def test_sigkill_then_resume_finishes(tmp_path):
     protos = ckpt['state_dict']['decode_head.prototypes']
     assert torch.isfinite(protos).all()
     torch.testing.assert_close(protos.norm(dim=-1), torch.ones(11, 10))
+
+
+class PrototypesAtStart(Hook):
+    """Keeps the decode head's prototypes when training starts (after the load)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def before_train(self, runner):
+        self.seen.append(runner.model.decode_head.prototypes.clone())
+
+
+def tiny_config(work_dir, max_iters, **head):
+    """The tiny segmentor of ``tests/data/make_old_checkpoints.py`` (a few thousand
+    parameters, deterministic), with a checkpoint every 2 iterations."""
+    import importlib.util
+    path = osp.join(REPO, 'tests', 'data', 'make_old_checkpoints.py')
+    spec = importlib.util.spec_from_file_location('make_old_checkpoints', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = Config(module.tiny_config(str(work_dir), max_iters))
+    cfg.model.decode_head.update(head)
+    cfg.default_hooks.checkpoint.interval = 2
+    return cfg
+
+
+def test_resume_with_load_prototypes_false_keeps_the_trained_prototypes(tmp_path,
+                                                                      one_thread):
+    """``load_prototypes=False`` (the fine-tuning setting) is about loading weights into a
+    new run; ``--resume`` continues the run, trained prototypes included: the resumed run
+    ends bit for bit where the uninterrupted one does (issue 28, section 3)."""
+    straight = Runner.from_cfg(tiny_config(tmp_path / 'straight', 4, load_prototypes=False))
+    straight.train()
+    protos, weights, _ = final_state(straight)
+    ckpt_path = str(tmp_path / 'straight' / 'iter_2.pth')
+    saved = CheckpointLoader.load_checkpoint(ckpt_path, map_location='cpu')['state_dict']
+
+    cfg = tiny_config(tmp_path / 'resumed', 4, load_prototypes=False)
+    cfg.resume, cfg.load_from = True, ckpt_path
+    resumed = Runner.from_cfg(cfg)
+    at_start = PrototypesAtStart()
+    resumed.register_hook(at_start, 'LOWEST')
+    resumed.train()
+    assert torch.equal(at_start.seen[0], saved['decode_head.prototypes'])
+    protos2, weights2, _ = final_state(resumed)
+    assert not torch.equal(protos2, saved['decode_head.prototypes'])  # trained on
+    assert torch.equal(protos, protos2)
+    for k in weights:
+        assert torch.equal(weights[k], weights2[k]), k

@@ -1,6 +1,7 @@
 """PrototypeUpdateHook: when the banks update (once per optimizer step, from the statistics of
 all its iterations, summed over processes), re-seeding windows, and the resume state it saves
 and restores. The bank's own arithmetic is tested in test_models/test_utils/test_prototype_bank.py."""
+import re
 import threading
 from types import SimpleNamespace
 
@@ -404,8 +405,9 @@ def test_pending_step_is_dropped_where_the_resumed_run_ends_a_step():
 
 def test_state_that_does_not_fit_the_model_is_refused():
     _, _, _, checkpoint = half_done_run()
-    with pytest.raises(ValueError, match=r"does not fit ProtoHead 0 \(re-seeding window "
-                       r".*which needs .*'prototype_update_hook'"):
+    with pytest.raises(ValueError, match=r"cannot restore ProtoHead 0's state from the "
+                       r"resumed checkpoint's 'prototype_update_hook' entry: re-seeding "
+                       r"window 'nearest' of shape \(6,\), which needs \(8,\)"):
         resumed_hook(checkpoint, num_classes=4)
     with pytest.raises(ValueError, match=r'saved at iteration 3 but the run '
                        r'resumes at iteration 5'):
@@ -426,3 +428,193 @@ def test_several_processes_save_no_gradients_mid_step_and_say_so(monkeypatch):
     assert checkpoint['prototype_update_hook']['pending']
     assert 'gradients accumulated on each are not saved' in \
         runner.logger.warnings[0]
+
+
+# ------------------------------------- loaded hook state is checked (issue 28, 3) --
+
+def refused(checkpoint, match, **kwargs):
+    """Resuming ``checkpoint`` is refused with one message matching ``match`` that names
+    the entry and says what to do."""
+    with pytest.raises(ValueError, match=match) as info:
+        resumed_hook(checkpoint, **kwargs)
+    assert "delete the checkpoint's 'prototype_update_hook' entry" in str(info.value)
+
+
+def test_pending_statistics_with_negative_counts_are_refused():
+    _, _, _, checkpoint = half_done_run()
+    checkpoint['prototype_update_hook']['pending'][0]['counts'][0] = -3.0
+    refused(checkpoint, r"ProtoHead 0's state .*pending statistics 'counts' holds negative "
+                        r'values \(min -3\)')
+
+
+@pytest.mark.parametrize('shape', [(1, ), (2, 3, 2)])
+def test_pending_usage_of_another_shape_is_refused(shape):
+    # (1,) used to broadcast into the window silently, (2, 3, 2) to crash mid-training.
+    _, _, _, checkpoint = half_done_run()
+    checkpoint['prototype_update_hook']['pending'][0]['usage']['nearest'] = torch.ones(shape)
+    refused(checkpoint, rf"pending statistics usage\['nearest'\] of shape "
+                        rf'{re.escape(str(shape))}, which needs \(6,\)')
+
+
+@pytest.mark.parametrize('entry', ['nearest', 'outlier_sums', 'outlier_weights'])
+def test_non_finite_or_negative_reseeding_window_is_refused(entry):
+    _, _, _, checkpoint = half_done_run()
+    window = checkpoint['prototype_update_hook']['window'][0]
+    window[entry].view(-1)[0] = float('nan')
+    refused(checkpoint, rf"re-seeding window '{entry}' holds non-finite values")
+    if entry != 'outlier_sums':  # sums of embeddings may be negative
+        window[entry].view(-1)[0] = -1.0
+        refused(checkpoint, rf"re-seeding window '{entry}' holds negative values")
+
+
+def test_reseeding_window_of_another_dtype_is_refused():
+    _, _, _, checkpoint = half_done_run()
+    window = checkpoint['prototype_update_hook']['window'][0]
+    window['nearest'] = window['nearest'].long()
+    refused(checkpoint, r"re-seeding window 'nearest' of dtype torch.int64, which needs "
+                        r'torch.float32')
+
+
+def test_non_finite_saved_gradients_are_refused():
+    _, _, _, checkpoint = half_done_run()
+    grads = checkpoint['prototype_update_hook']['gradients']
+    name = next(iter(grads))
+    grads[name].view(-1)[0] = float('nan')
+    refused(checkpoint, rf"accumulated gradients hold non-finite values in '{name}'")
+    grads[name] = grads[name].long()
+    refused(checkpoint, rf"accumulated gradients hold '{name}' of dtype torch.int64")
+
+
+def test_pending_step_with_non_finite_embeddings_resumes_and_is_skipped():
+    """What an honest checkpoint holds when the unfinished step's batch had non-finite
+    embeddings (all sums NaN, the usage too): accepted; that step skips the update, as
+    the run that wrote it did."""
+    _, _, _, checkpoint = half_done_run()
+    pending = checkpoint['prototype_update_hook']['pending'][0]
+    pending['sums'].fill_(float('nan'))
+    pending['usage']['outlier_sums'].fill_(float('nan'))
+    head, hook, runner = resumed_hook(checkpoint)
+    runner.optim_wrapper.initialize_count_status(runner.model, 3, 100)
+    before = head.prototypes.clone()
+    g = torch.Generator().manual_seed(5)
+    losses = head.loss([torch.randn(2, 8, 6, 5, generator=g)],
+                       make_samples(torch.randint(0, 3, (2, 6, 5), generator=g)), None)
+    runner.optim_wrapper.update_params(losses['loss_ce'])  # iteration 4 ends the step
+    hook.after_train_iter(runner, 3)
+    assert torch.equal(head.prototypes, before)
+    assert runner.logger.warnings == ['PrototypeUpdateHook: non-finite embeddings at '
+                                      'iteration 4; prototype update skipped.']
+
+
+# ------------------------------- --resume never drops the prototypes (issue 28, 3) --
+
+def test_resume_takes_the_prototypes_whatever_load_prototypes_says():
+    """The hook tells the banks before mmengine's resume loads the state dict."""
+    torch.manual_seed(0)
+    trained = make_head(num_classes=3, channels=8, num_prototypes=2)
+    model = torch.nn.Module()
+    model.decode_head = make_head(num_classes=3, channels=8, num_prototypes=2,
+                                  load_prototypes=False)
+    fresh = model.decode_head.prototypes.clone()
+    assert not torch.equal(fresh, trained.prototypes)
+    hook = PrototypeUpdateHook(log_interval=0)
+    for resume in (False, True):
+        runner = SimpleNamespace(model=model, _resume=resume)
+        hook.after_load_checkpoint(runner, {'meta': {'iter': 2}})
+        model.decode_head.load_state_dict(trained.state_dict())
+        expected = trained.prototypes if resume else fresh
+        assert torch.equal(model.decode_head.prototypes, expected), resume
+
+
+def test_resume_of_prototypes_of_another_shape_says_resume_with_that_config():
+    model = torch.nn.Module()
+    model.decode_head = make_head(num_classes=3, channels=8, num_prototypes=2,
+                                  load_prototypes=False)
+    hook = PrototypeUpdateHook(log_interval=0)
+    hook.after_load_checkpoint(SimpleNamespace(model=model, _resume=True), {})
+    other = make_head(num_classes=3, channels=8, num_prototypes=4)
+    with pytest.raises(RuntimeError, match=r"--resume continues the run that wrote the "
+                       r"checkpoint: resume with that run's config.*load_from=CKPT "
+                       r'without --resume'):
+        model.decode_head.load_state_dict(other.state_dict())
+
+
+def test_ema_hook_averaging_buffers_is_refused_before_training():
+    from mmengine.hooks import EMAHook
+    head = make_head(num_classes=3, channels=8, num_prototypes=2)
+    runner, _ = fake_runner(head, accumulative_counts=1)
+    runner.hooks = [EMAHook(update_buffers=True)]
+    with pytest.raises(ValueError, match=r'EMAHook\(update_buffers=True\) averages every '
+                       r"buffer.*set update_buffers=False in the EMAHook entry"):
+        PrototypeUpdateHook(log_interval=0).before_train(runner)
+    runner.hooks = [EMAHook()]  # update_buffers=False: the prototypes are kept in sync
+    PrototypeUpdateHook(log_interval=0).before_train(runner)
+
+
+# ------------------------------------------------ pins (issue 28, section 7) --
+
+def test_logged_entropy_averages_over_the_classes_in_the_batch_only():
+    torch.manual_seed(0)
+    head = make_head(num_classes=4, channels=8, num_prototypes=3)
+    hook = PrototypeUpdateHook(log_interval=1, per_class_entropy=False)
+    runner, param = fake_runner(head, accumulative_counts=1)
+    runner.message_hub = MessageHub.get_instance('entropy_pin')
+    hook.before_train(runner)
+    hook.before_train_iter(runner, 0)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (2, 6, 5), generator=g) * 2  # classes 0 and 2 only
+    losses = head.loss([torch.randn(2, 8, 6, 5, generator=g)], make_samples(labels), None)
+    stats = head.bank.batch.assignments
+    runner.optim_wrapper.update_params(losses['loss_ce'] + param.sum())
+    hook.after_train_iter(runner, 0)
+    # By hand: per class present, the summed normalised entropy over its pixels.
+    per_class = [stats['entropy_sum'][c].item() / (labels == c).sum().item() for c in (0, 2)]
+    assert stats['pixels'].tolist() == [(labels == c).sum().item() for c in range(4)]
+    assert min(per_class) > 0
+    logged = runner.message_hub.get_scalar('train/proto_entropy').current()
+    assert logged == pytest.approx(sum(per_class) / 2, rel=1e-6)
+
+
+def test_decode_and_auxiliary_heads_reseed_every_interval_not_every_step():
+    torch.manual_seed(0)
+    heads = [make_head(num_classes=3, channels=8, num_prototypes=4, momentum=1.0)
+             for _ in range(2)]
+    hook = PrototypeUpdateHook(log_interval=0, reseed_interval=2, reseed_min_share=1.0)
+    runner, param = fake_runner(heads[0], accumulative_counts=1)
+    runner.model.auxiliary_head = heads[1]
+    runner.train_dataloader = None
+    hook.before_train(runner)
+    assert [b.prototypes.shape for b in hook.banks] == [h.prototypes.shape for h in heads]
+    g = torch.Generator().manual_seed(0)
+    moved = []
+    for it in range(6):
+        before = [h.prototypes.clone() for h in heads]
+        x = [torch.randn(2, 8, 6, 5, generator=g)]
+        labels = torch.randint(0, 3, (2, 6, 5), generator=g)
+        loss = sum(h.loss(x, make_samples(labels), None)['loss_ce'] for h in heads)
+        runner.iter = it
+        runner.optim_wrapper.update_params(loss + param.sum())
+        hook.after_train_iter(runner, it)
+        moved.append([bool(((h.prototypes - b).abs().amax(dim=-1) > 1e-3).any())
+                      for h, b in zip(heads, before)])
+    # momentum 1: only re-seeding moves prototypes; min_share 1: every window re-seeds.
+    assert moved == [[False, False], [True, True]] * 3
+
+
+def test_hook_state_of_a_proto_head_the_model_no_longer_has_is_refused():
+    _, _, _, checkpoint = half_done_run()
+    state = checkpoint['prototype_update_hook']
+    # Written by a model with an auxiliary ProtoHead (index 1); this one has one head.
+    state['window'][1] = state['window'][0]
+    refused(checkpoint, r'window must map ProtoHead indices below 1 \(the model has 1 '
+                        r'ProtoHead\(s\)\)')
+    del state['window'][1]
+    state['pending'][1] = state['pending'][0]
+    refused(checkpoint, r'pending must map ProtoHead indices below 1')
+
+
+def test_reseeding_happens_after_iteration_4_when_max_iters_is_not_a_multiple():
+    # accumulative_counts 2, 7 iterations: steps end at iterations 2, 4, 6 and 7 (the
+    # last, partial one); the first window (2 steps) ends at 4 with 2 steps left: a full
+    # window, so it re-seeds; the second ends at 7, the last: not.
+    assert reseed_run(max_iters=7, iters=7) == [3]  # 0-based: after iteration 4

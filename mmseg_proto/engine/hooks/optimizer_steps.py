@@ -60,21 +60,29 @@ def accumulated_gradients(runner, owner: str) -> Optional[Dict[str, torch.Tensor
             for name, p in _model(runner).named_parameters() if p.grad is not None}
 
 
-def restore_gradients(runner, grads: Dict[str, Any], owner: str) -> None:
+def restore_gradients(runner, grads: Dict[str, Any], owner: str, what_to_do: str) -> None:
     """Put back the gradients of :func:`accumulated_gradients`.
 
+    Non-finite gradients are refused unless the optimizer wrapper has a loss scaler
+    (``AmpOptimWrapper``), which skips the step they end in, as in the run that saved
+    them; otherwise the step would write them into every parameter.
+
+    Args:
+        runner: The runner.
+        grads (dict): {parameter name: gradient} from the checkpoint.
+        owner (str): Who restores them (the messages' first word).
+        what_to_do (str): The end of the messages: what the user can do.
+
     Raises:
-        ValueError: A gradient names a parameter the model lacks or shapes differently.
+        ValueError: A gradient names a parameter the model lacks, is not a floating-point
+            tensor of the parameter's shape, or holds non-finite values.
     """
     params = dict(_model(runner).named_parameters())
-    misfits = [name for name, grad in grads.items()
-               if name not in params or not isinstance(grad, torch.Tensor)
-               or grad.shape != params[name].shape]
-    if misfits:
-        raise ValueError(
-            f'{owner}: the resumed checkpoint holds accumulated gradients for '
-            f'{len(misfits)} parameter(s) this model lacks or shapes differently (e.g. '
-            f'{misfits[0]!r}); resume with the model that wrote the checkpoint.')
+    problem = _gradients_problem(grads, params,
+                                 _has_loss_scaler(getattr(runner, 'optim_wrapper', None)))
+    if problem is not None:
+        raise ValueError(f"{owner}: the resumed checkpoint's accumulated gradients "
+                         f'{problem}. {what_to_do}')
     for name, grad in grads.items():
         param = params[name]
         param.grad = grad.to(device=param.device, dtype=param.dtype).clone()
@@ -82,3 +90,26 @@ def restore_gradients(runner, grads: Dict[str, Any], owner: str) -> None:
         f'{owner}: restored the gradients of {len(grads)} parameters accumulated in the '
         "checkpoint's unfinished optimizer step (mmengine's warning that they are lost "
         'does not apply).')
+
+
+def _has_loss_scaler(optim_wrapper: Any) -> bool:
+    """Whether the wrapper skips steps with non-finite gradients (AMP's loss scaler)."""
+    return getattr(optim_wrapper, 'loss_scaler', None) is not None
+
+
+def _gradients_problem(grads: Dict[str, Any], params: Dict[str, torch.Tensor],
+                       non_finite_ok: bool) -> Optional[str]:
+    """What is wrong with saved gradients for ``params`` (None: nothing)."""
+    misfits = [name for name, grad in grads.items()
+               if name not in params or not isinstance(grad, torch.Tensor)
+               or grad.shape != params[name].shape]
+    if misfits:
+        return (f'name {len(misfits)} parameter(s) this model lacks or shapes '
+                f'differently (e.g. {misfits[0]!r})')
+    for name, grad in grads.items():
+        if not grad.is_floating_point():
+            return f'hold {name!r} of dtype {grad.dtype}, not floating-point'
+        if not (non_finite_ok or bool(torch.isfinite(grad).all())):
+            return (f'hold non-finite values in {name!r}; the next optimizer step would '
+                    'write them into every parameter it updates')
+    return None

@@ -73,8 +73,10 @@ class PrototypeUpdateHook(Hook):
         self._checkpoint_loaded = False
 
     def before_train(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        self.banks = [m for m in model.modules() if isinstance(m, PrototypeBank)]
+        check_ema_hooks(runner)
+        self.banks = _banks(runner)
+        for bank in self.banks:  # in case the checkpoint held no prototypes
+            bank.expect_resume(False)
         if not self.banks:
             runner.logger.warning(f'{NAME}: the model has no ProtoHead; the hook does nothing.')
         for bank in self.banks:
@@ -141,12 +143,43 @@ class PrototypeUpdateHook(Hook):
         save_state(runner, self.banks, self.window_updates, checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        """Keep the saved state; ``before_train`` restores it if the run resumes."""
+        """Keep the saved state; ``before_train`` restores it if the run resumes. mmengine
+        calls this before it loads the checkpoint's state dict: on ``--resume`` (the
+        runner's ``resume``), every bank is told to take the checkpoint's prototypes
+        whatever ``load_prototypes`` says, since they are the run's trained state."""
         self._checkpoint_loaded = True
         self._loaded = checkpoint.get(STATE_KEY) if isinstance(checkpoint, dict) else None
+        if getattr(runner, '_resume', False):
+            for bank in _banks(runner):
+                bank.expect_resume()
 
     def _log_now(self, runner) -> bool:
         return self.log_interval > 0 and self.every_n_train_iters(runner, self.log_interval)
+
+
+def _banks(runner) -> List[PrototypeBank]:
+    """The prototype banks of the runner's model (decode head first)."""
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    return [m for m in model.modules() if isinstance(m, PrototypeBank)]
+
+
+def check_ema_hooks(runner) -> None:
+    """Refuse mmengine's ``EMAHook(update_buffers=True)``: it would average ProtoHead's
+    prototypes like weights into vectors that are not unit vectors, which its validation
+    and its checkpoints then use.
+
+    Raises:
+        ValueError: Such a hook is registered (says what to change).
+    """
+    for hook in getattr(runner, 'hooks', ()):
+        ema_cfg = getattr(hook, 'ema_cfg', None)
+        if isinstance(ema_cfg, dict) and ema_cfg.get('update_buffers', False):
+            raise ValueError(
+                f'{NAME}: {type(hook).__name__}(update_buffers=True) averages every buffer '
+                "of the model, ProtoHead's prototypes included: averages of unit vectors "
+                'are shorter than 1, so the averaged model it validates and saves changes '
+                'predictions. The prototypes are a moving average already: set '
+                f"update_buffers=False in the {type(hook).__name__} entry of custom_hooks.")
 
 
 def _tag(i: int) -> str:

@@ -25,6 +25,13 @@ from .optimizer_steps import (accumulated_gradients, accumulative_counts,
 STATE_KEY = 'prototype_update_hook'
 STATE_VERSION = 1
 OWNER = 'PrototypeUpdateHook'
+WHAT_TO_DO = (
+    'Resume with the model and config that wrote the checkpoint, or from another '
+    "checkpoint of the run; or delete the checkpoint's "
+    f"'{STATE_KEY}' entry (ckpt = torch.load(path, weights_only=False); "
+    f"del ckpt['{STATE_KEY}']; torch.save(ckpt, path)) to resume without it: the "
+    're-seeding window restarts and the statistics and gradients of an unfinished '
+    'accumulated optimizer step are lost.')
 
 
 def _is_int(value: Any) -> bool:
@@ -69,9 +76,8 @@ def load_state(runner, banks: List[PrototypeBank], state: Optional[dict],
     problem = _state_problem(state, len(banks), runner.iter)
     if problem is not None:
         raise ValueError(
-            f'{OWNER}: cannot restore its state from the resumed checkpoint: {problem}. '
-            'Resume from a checkpoint written by this model and config, or remove its '
-            f"'{STATE_KEY}' entry to restart the re-seeding window.")
+            f"{OWNER}: cannot restore its state from the resumed checkpoint's "
+            f"'{STATE_KEY}' entry: {problem}. {WHAT_TO_DO}")
     acc = accumulative_counts(runner)
     mid_step = runner.iter % acc != 0
     if (state['pending'] or state['gradients']) and not mid_step:
@@ -85,11 +91,10 @@ def load_state(runner, banks: List[PrototypeBank], state: Optional[dict],
                          state['pending'].get(i) if mid_step else None)
         except ValueError as err:
             raise ValueError(
-                f'{OWNER}: the resumed checkpoint does not fit ProtoHead {i} ({err}); '
-                'resume with the model that wrote the checkpoint, or remove its '
-                f"'{STATE_KEY}' entry.") from err
+                f"{OWNER}: cannot restore ProtoHead {i}'s state from the resumed "
+                f"checkpoint's '{STATE_KEY}' entry: {err}. {WHAT_TO_DO}") from err
     if mid_step and state['gradients']:
-        restore_gradients(runner, state['gradients'], OWNER)
+        restore_gradients(runner, state['gradients'], OWNER, WHAT_TO_DO)
     return state['window_updates'] if reseed else 0
 
 

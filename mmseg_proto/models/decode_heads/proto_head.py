@@ -84,7 +84,10 @@ class ProtoHead(BaseDecodeHead):
             head's freshly initialised prototypes whatever a loaded state dict holds, to
             fine-tune a ProtoSeg checkpoint on another class set or K (``load_from``:
             everything else loads, and mmengine's non-strict load re-initialises the
-            mismatched ``mask_norm`` with a warning). Never for ``--resume``. Default: True.
+            mismatched ``mask_norm`` with a warning). Never for ``--resume``: resuming
+            restores the checkpoint's prototypes whatever this says (PrototypeUpdateHook
+            tells the bank). Loaded prototypes must be finite unit vectors
+            (:meth:`PrototypeBank.load`). Default: True.
         loss_decode (dict | list[dict]): Losses. Pixel losses (e.g. ``CrossEntropyLoss``)
             act on the segmentation logits; prototype losses (``PixelPrototypeContrastLoss``,
             ``PixelPrototypeDistanceLoss``) on prototype similarities and Sinkhorn targets.

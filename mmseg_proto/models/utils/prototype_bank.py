@@ -13,6 +13,20 @@ from .prototype_statistics import (PrototypeStatistics, assignment_diagnostics,
 
 HOOK_HINT = ("add the prototype update hook to the config: "
              "custom_hooks = [dict(type='PrototypeUpdateHook')]")
+EMA_HINT = ("If the checkpoint was written by a run with mmengine's "
+            'EMAHook(update_buffers=True), which averages the prototypes like weights '
+            '(averages of unit vectors are shorter), train with '
+            'EMAHook(update_buffers=False): the prototypes are a moving average already. '
+            'To use such a checkpoint anyway, re-normalise its prototypes first: '
+            "ckpt['state_dict'][key] = torch.nn.functional.normalize("
+            "ckpt['state_dict'][key], dim=-1), then torch.save(ckpt, path)")
+# The saved statistics (PrototypeStatistics, the re-seeding window): name -> (shape given
+# C, K, D, whether its values are counts or weights, never negative).
+WINDOW_ENTRIES = dict(nearest=(lambda c, k, d: (c * k, ), True),
+                      outlier_sums=(lambda c, k, d: (c, d), False),
+                      outlier_weights=(lambda c, k, d: (c, ), True))
+PENDING_ENTRIES = dict(sums=(lambda c, k, d: (c * k, d), False),
+                       counts=(lambda c, k, d: (c * k, ), True))
 
 
 class PrototypeBank(nn.Module):
@@ -58,6 +72,7 @@ class PrototypeBank(nn.Module):
         self._batch: Optional[PrototypeStatistics] = None  # the last batch's
         self._step: Optional[PrototypeStatistics] = None  # the optimizer step's, summed
         self._window: Optional[Dict[str, Tensor]] = None  # usage over the re-seeding window
+        self._resuming = False  # the next load is a --resume (expect_resume)
 
     @property
     def batch(self) -> Optional[PrototypeStatistics]:
@@ -203,48 +218,146 @@ class PrototypeBank(nn.Module):
     def restore(self, window: Optional[Dict[str, Tensor]] = None,
                 pending: Optional[Dict[str, Any]] = None) -> None:
         """Inverse of :meth:`resume_state`, on the prototypes' device (pending usage only
-        if :meth:`request` asked for usage).
+        if :meth:`request` asked for usage), after checking what a checkpoint holds:
+        float32 tensors of this bank's shapes, counts and weights never negative, and
+        finite values, except in the statistics of a pending step whose embeddings were
+        non-finite (``sums`` not finite: :meth:`apply` skips that step, as the run that
+        saved it did).
 
         Raises:
-            ValueError: ``window`` or ``pending`` does not fit this bank (says what).
+            ValueError: ``window`` or ``pending`` does not fit this bank or holds values
+                statistics never have (names the entry and what is wrong).
         """
-        c, k, d = self.prototypes.shape
+        shape = tuple(self.prototypes.shape)
         if window is not None:
-            need = dict(nearest=(c * k, ), outlier_sums=(c, d), outlier_weights=(c, ))
-            got = {key: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                   for key, v in window.items()} if isinstance(window, dict) else window
-            if got != need:
-                raise ValueError(f're-seeding window {got!r:.200}, which needs {need}')
-            self._window = {key: v.to(self.prototypes.device) for key, v in window.items()}
+            problem = _statistics_problem(window, WINDOW_ENTRIES, shape)
+            if problem is not None:
+                raise ValueError(f're-seeding window {problem}')
         if pending is not None:
             stats = PrototypeStatistics.from_state_dict(pending, self.prototypes.device)
+            c, k, d = shape
             if stats.sums.shape != (c * k, d) or stats.counts.shape != (c * k, ):
                 raise ValueError(f'pending statistics of shape {tuple(stats.sums.shape)}/'
                                  f'{tuple(stats.counts.shape)}, which need {(c * k, d)}/'
                                  f'{(c * k, )}')
+            # Counts are finite even where the embeddings were not; the sums and usage
+            # are only used where the sums are finite (apply skips the step otherwise).
+            problem = _statistics_problem(dict(sums=stats.sums, counts=stats.counts),
+                                          PENDING_ENTRIES, shape, finite=False) or \
+                _values_problem("'counts'", stats.counts, True)
+            if problem is None and stats.usage is not None:
+                problem = _statistics_problem(
+                    stats.usage, WINDOW_ENTRIES, shape, prefix="usage['",
+                    finite=bool(torch.isfinite(stats.sums).all()))
+            if problem is not None:
+                raise ValueError(f'pending statistics {problem}')
             stats.usage = stats.usage if self._usage else None
             self._step = stats
+        if window is not None:
+            self._window = {key: v.to(self.prototypes.device) for key, v in window.items()}
+
+    def expect_resume(self, resuming: bool = True) -> None:
+        """Whether the next :meth:`load` is a ``--resume`` of the run that saved the
+        checkpoint: it then takes the prototypes whatever ``load_prototypes`` says
+        (:class:`PrototypeUpdateHook` says so before the runner loads the state dict)."""
+        self._resuming = resuming
 
     @torch.no_grad()
     def load(self, prototypes: Any, key: str = 'prototypes') -> None:
         """The load policy: take a checkpoint's ``prototypes`` (found under ``key``), keep
-        the current ones with ``load_prototypes=False``, refuse another shape with a
-        message saying what to change."""
+        the current ones with ``load_prototypes=False`` (except when resuming, see
+        :meth:`expect_resume`), refuse another shape, a tensor that is not floating-point,
+        non-finite values or vectors that are not of unit length, with a message saying
+        what to change."""
+        resuming, self._resuming = self._resuming, False
         shape = tuple(getattr(prototypes, 'shape', ()))
-        if not self.load_prototypes:
+        if not (self.load_prototypes or resuming):
             print_log(f'ProtoHead: load_prototypes=False, keeping the initial '
                       f'prototypes instead of the loaded {key} of shape {shape}',
                       logger='current')
             return
-        if isinstance(prototypes, Tensor) and shape == tuple(self.prototypes.shape):
-            self.prototypes.copy_(prototypes)
-            return
+        if not (isinstance(prototypes, Tensor) and shape == tuple(self.prototypes.shape)):
+            raise RuntimeError(self._shape_message(key, shape, resuming))
+        problem = prototypes_problem(prototypes)
+        if problem is not None:
+            raise RuntimeError(f'ProtoHead: the checkpoint holds {key} that {problem}. '
+                               'ProtoHead compares pixels with unit prototypes by cosine; '
+                               'others change its predictions. ' + (
+                                   EMA_HINT.replace('[key]', f'[{key!r}]')
+                                   if problem.startswith('are not of unit length') else
+                                   'The run that wrote it diverged or the file is damaged: '
+                                   'use an earlier checkpoint'))
+        self.prototypes.copy_(prototypes)
+
+    def _shape_message(self, key: str, shape: Tuple[int, ...], resuming: bool) -> str:
+        """Why prototypes of ``shape`` do not load, and what to change."""
         c, k, d = shape if len(shape) == 3 else (None, None, None)
-        raise RuntimeError(
-            f'ProtoHead: the checkpoint holds {key} of shape {shape} '
-            f'(num_classes={c}, num_prototypes={k}, embed_dims={d}) but this model has '
-            f'{tuple(self.prototypes.shape)}. To continue or evaluate that model, set the '
+        got = (f'ProtoHead: the checkpoint holds {key} of shape {shape} '
+               f'(num_classes={c}, num_prototypes={k}, embed_dims={d}) but this model has '
+               f'{tuple(self.prototypes.shape)}. ')
+        if resuming:
+            return got + ('--resume continues the run that wrote the checkpoint: resume '
+                          "with that run's config. To fine-tune the checkpoint on another "
+                          'class set or K, start a new run from it: load_from=CKPT without '
+                          '--resume, with load_prototypes=False in the head')
+        return got + (
+            'To continue or evaluate that model, set the '
             "head's num_classes / num_prototypes / embed_dims to match the checkpoint. To "
             'fine-tune it on another class set or K, set load_prototypes=False in the head '
             '(model.decode_head.load_prototypes=False): the prototypes start fresh and '
             'everything else loads')
+
+
+def unit_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 the norm of a normalised vector of ``dtype`` may be."""
+    return max(1e-3, 4 * torch.finfo(dtype).eps)
+
+
+def prototypes_problem(prototypes: Tensor) -> Optional[str]:
+    """What is wrong with prototypes to load, as the end of a sentence (None: nothing):
+    not floating-point, non-finite values, or rows whose norm is not 1 within
+    :func:`unit_tolerance`."""
+    if not prototypes.is_floating_point():
+        return f'are of dtype {prototypes.dtype}, not floating-point'
+    bad = ~torch.isfinite(prototypes)
+    if bool(bad.any()):
+        return (f'hold {int(bad.sum())} non-finite values (in '
+                f'{int(bad.any(dim=-1).sum())} of {bad[..., 0].numel()} prototypes)')
+    norms = prototypes.double().norm(dim=-1)
+    off = (norms - 1).abs() > unit_tolerance(prototypes.dtype)
+    if bool(off.any()):
+        return (f'are not of unit length: {int(off.sum())} of {off.numel()} prototypes '
+                f'have norms from {float(norms.min()):.4g} to {float(norms.max()):.4g}')
+    return None
+
+
+def _values_problem(name: str, value: Tensor, counts: bool) -> Optional[str]:
+    """Non-finite values, or negative ones where ``counts``, in a saved statistic."""
+    if not bool(torch.isfinite(value).all()):
+        return f'{name} holds non-finite values'
+    if counts and bool((value < 0).any()):
+        return (f'{name} holds negative values (min {float(value.min()):.4g}); as a count or '
+                'weight it never does')
+    return None
+
+
+def _statistics_problem(values: Any, entries: Dict[str, Any], shape: Tuple[int, int, int],
+                        finite: bool = True, prefix: str = "'") -> Optional[str]:
+    """What is wrong with saved statistics (a dict of the tensors ``entries`` names, for a
+    bank of (C, K, D) ``shape``) as the rest of a sentence; None: nothing."""
+    need = {key: make(*shape) for key, (make, _) in entries.items()}
+    if not (isinstance(values, dict) and set(values) == set(need)):
+        got = {key: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+               for key, v in values.items()} if isinstance(values, dict) else values
+        return f'{got!r:.200}, which needs {need}'
+    for key, value in values.items():
+        name = prefix + key + ("']" if prefix.endswith("['") else "'")
+        if not isinstance(value, Tensor) or tuple(value.shape) != need[key]:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            return f'{name} of shape {got}, which needs {need[key]}'
+        if value.dtype != torch.float32:
+            return f'{name} of dtype {value.dtype}, which needs torch.float32'
+        problem = _values_problem(name, value, entries[key][1]) if finite else None
+        if problem is not None:
+            return problem
+    return None
