@@ -43,7 +43,10 @@ class PrototypeUpdateHook(Hook):
     ``reseed_interval`` steps left), so that every re-seeded prototype trains a window.
 
     Exact resume: checkpoints hold the re-seeding window, the statistics and gradients of
-    an unfinished accumulated step (:mod:`.resume_state`); ``--resume`` restores them.
+    an unfinished accumulated step (:mod:`.resume_state`); ``--resume`` checks and restores
+    them, and has every bank take the checkpoint's prototypes whatever the head's
+    ``load_prototypes`` says. ``EMAHook(update_buffers=True)``, which would average the
+    prototypes like weights, is refused before training.
 
     Args:
         log_interval (int): Every how many iterations to log. 0 disables. Default: 50.

@@ -12,6 +12,12 @@ with ``weights_only=True``):
 - ``gradients``: {parameter name: gradient} accumulated so far in such a step, or None
   (with several processes each holds its own and none is saved, with a warning).
 
+On ``--resume`` the entry is checked before anything is restored (entries only for the
+ProtoHeads the model has; the bank's :meth:`~mmseg_proto.models.utils.PrototypeBank.restore`
+checks shapes, dtypes, finiteness and signs; gradients must be finite floating-point tensors
+of the model's parameters unless an AMP loss scaler skips their step); anything else is
+refused with one message naming the entry and what to do (:data:`WHAT_TO_DO`).
+
 ProtoHead ``i`` is the ``i``-th :class:`~mmseg_proto.models.utils.PrototypeBank` of the
 model (decode head first). Every process holds the same window and pending statistics
 (summed over processes every iteration), so process 0's checkpoint holds the global ones.
