@@ -12,8 +12,9 @@ from torch import Tensor
 
 from ..utils.l2_normalize import l2_normalize
 from ..utils.proto_head_options import (HEAD_RULES, check_decoder, check_embed_dims,
-                                        check_options, check_out_channels,
-                                        check_similarity_chunk, split_losses)
+                                        check_mask_norm_classes, check_options,
+                                        check_out_channels, check_similarity_chunk,
+                                        split_losses)
 from ..utils.prototype_bank import PrototypeBank
 from ..utils.prototype_index import similarity_column
 from ..utils.prototype_scorer import PrototypeScorer
@@ -80,6 +81,12 @@ class ProtoHead(BaseDecodeHead):
         reference_width_norm (bool): Reproduce the authors' code, which L2-normalises the
             projection output over the image *width* axis before ``feat_norm``. Only for
             running converted authors' checkpoints. Default: False.
+        mask_norm_classes (int, optional): How many classes (the first ones) set the
+            mean and variance of the LayerNorm over classes (``mask_norm``); the scores of
+            the others are normalised with the same statistics. Written by
+            :func:`mmseg_proto.apis.add_classes`, so that classes added to a trained model
+            leave the logits of the classes it was trained with bit-identical. None
+            (default): all classes.
         load_prototypes (bool): Load ``prototypes`` from checkpoints. False keeps this
             head's freshly initialised prototypes whatever a loaded state dict holds, to
             fine-tune a ProtoSeg checkpoint on another class set or K (``load_from``:
@@ -106,11 +113,13 @@ class ProtoHead(BaseDecodeHead):
                  fused_losses: bool = True, similarity_chunk: Optional[int] = None,
                  distance: str = 'cosine', huber_delta: float = 1.0,
                  reference_width_norm: bool = False, load_prototypes: bool = True,
+                 mask_norm_classes: Optional[int] = None,
                  loss_decode: ConfigType = DEFAULT_LOSSES,
                  init_cfg: OptConfigType = None, **kwargs) -> None:
         given = locals()
         check_options('ProtoHead', **{key: given[key] for key in HEAD_RULES})
         check_out_channels(kwargs.get('out_channels'), num_classes)
+        check_mask_norm_classes(mask_norm_classes, num_classes)
         decoder = _build_decoder(decoder, num_classes)
         embed_dims = check_embed_dims(embed_dims, decoder.channels, projection)
         kwargs.setdefault('align_corners', decoder.align_corners)
@@ -134,7 +143,9 @@ class ProtoHead(BaseDecodeHead):
         self.projection_type = projection
         self.projection = _projection(projection, decoder.channels, embed_dims)
         self.feat_norm = nn.LayerNorm(embed_dims)
-        self.mask_norm = nn.LayerNorm(num_classes)
+        self.mask_norm_classes = mask_norm_classes
+        self.mask_norm = nn.LayerNorm(num_classes) if mask_norm_classes in (
+            None, num_classes) else BaseClassesLayerNorm(num_classes, mask_norm_classes)
         self.bank = PrototypeBank(num_classes, num_prototypes, embed_dims, momentum,
                                   load_prototypes)
 
@@ -160,8 +171,14 @@ class ProtoHead(BaseDecodeHead):
         if torch.is_grad_enabled():
             return self._seg_logits(self.scorer.class_scores(self.embed(inputs),
                                                              self.prototypes))
-        return self._seg_logits(self.scorer.similarity(self.class_cosines(inputs)),
-                                contiguous=False)
+        return self.logits_from_embeddings(self.embed(inputs))
+
+    @torch.no_grad()
+    def logits_from_embeddings(self, emb: Tensor) -> Tensor:
+        """Inference logits (B, C, H, W) (a channels-last view) from the (B, H, W, D)
+        embeddings of :meth:`embed`."""
+        return self._seg_logits(self.scorer.similarity(
+            self.scorer.class_cosines(emb, self.prototypes)), contiguous=False)
 
     @torch.no_grad()
     def class_cosines(self, inputs: Sequence[Tensor]) -> Tensor:
@@ -269,6 +286,35 @@ class ProtoHead(BaseDecodeHead):
             missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+
+class BaseClassesLayerNorm(nn.LayerNorm):
+    """LayerNorm over classes whose mean and variance come from the first
+    ``num_base`` classes only; every class keeps its own weight and bias.
+
+    The base classes' outputs are exactly ``F.layer_norm`` of their scores (those of a
+    head trained with ``num_base`` classes); the added classes' scores are normalised
+    with the same statistics. State dict keys are those of ``nn.LayerNorm``.
+
+    Args:
+        num_classes (int): All classes (base and added).
+        num_base (int): The first ``num_base`` classes set the statistics.
+    """
+
+    def __init__(self, num_classes: int, num_base: int) -> None:
+        super().__init__(num_classes)
+        self.num_base = num_base
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.num_base
+        base = F.layer_norm(x[..., :b], (b, ), self.weight[:b], self.bias[:b], self.eps)
+        var, mean = torch.var_mean(x[..., :b], dim=-1, unbiased=False, keepdim=True)
+        added = (x[..., b:] - mean) * torch.rsqrt(var + self.eps) * self.weight[b:] \
+            + self.bias[b:]
+        return torch.cat([base, added], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, num_base={self.num_base}'
 
 
 def _build_decoder(decoder: ConfigType, num_classes: int) -> BaseDecodeHead:

@@ -79,6 +79,16 @@ HOOK_RULES = {
 OWNER_RULES = {'ProtoHead': HEAD_RULES, 'PrototypeUpdateHook': HOOK_RULES}
 
 
+def check_mask_norm_classes(mask_norm_classes: Any, num_classes: int) -> None:
+    """``mask_norm_classes``: None or an int in [2, num_classes]."""
+    if mask_norm_classes is None or (_is_int(mask_norm_classes)
+                                     and 2 <= mask_norm_classes <= num_classes):
+        return
+    raise ValueError(f'ProtoHead: invalid mask_norm_classes={mask_norm_classes!r} (must be '
+                     f'None or an integer in [2, num_classes={num_classes}]: how many of the '
+                     'first classes set the statistics of the LayerNorm over classes)')
+
+
 def check_options(owner: str, **options: Any) -> None:
     """Raise one ValueError naming every option of ``owner`` at fault.
 

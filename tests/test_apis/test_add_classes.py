@@ -1,0 +1,308 @@
+"""mmseg_proto.apis.add_classes and tools/analysis_tools/add_class.py: new prototypes and
+imprinted rows against hand computations, trained classes untouched, the written config and
+checkpoint through MMSeg's own loaders, and every bad input refused before anything is
+written."""
+import glob
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import mmcv
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO, train_camvid_protoseg
+
+from mmseg_proto.apis import (AddClassError, add_classes, calibrate_offset, imprint_weight,
+                              place_prototypes)
+from mmseg_proto.models.decode_heads.proto_head import BaseClassesLayerNorm
+
+TOOL = osp.join(REPO, 'tools', 'analysis_tools', 'add_class.py')
+TRAIN = sorted(glob.glob(osp.join(CAMVID_MINI, 'img_dir', 'train', '*.jpg')))
+VAL = sorted(glob.glob(osp.join(CAMVID_MINI, 'img_dir', 'val', '*.jpg')))
+CAR = 8
+
+
+def label_of(image):
+    return image.replace('img_dir', 'ann_dir')[:-4] + '.png'
+
+
+def car_images(n):
+    """The first n bundled train images holding at least 2000 car pixels."""
+    out = [i for i in TRAIN if (mmcv.imread(label_of(i), 'unchanged') == CAR).sum() >= 2000]
+    assert len(out) >= n
+    return out[:n]
+
+
+@pytest.fixture(scope='module')
+def protoseg(tmp_path_factory):
+    """(config, checkpoint, model) of 2 iterations of the shipped CamVid ProtoSeg config."""
+    from mmseg.apis import init_model
+    ckpt, _ = train_camvid_protoseg(tmp_path_factory.mktemp('add_class'), iters=2)
+    return PROTO_CFG, ckpt, init_model(PROTO_CFG, ckpt, device='cpu')
+
+
+@pytest.fixture(scope='module')
+def parametric(tmp_path_factory):
+    """(config, checkpoint, model) of the parametric baseline, random weights, saved as an
+    mmengine checkpoint with CamVid's dataset_meta."""
+    from mmseg.apis import init_model
+    from mmseg_proto.datasets import CamVidDataset
+    torch.manual_seed(0)
+    model = init_model(BASELINE_CFG, None, device='cpu')
+    path = str(tmp_path_factory.mktemp('param') / 'param.pth')
+    torch.save(dict(meta=dict(dataset_meta=dict(CamVidDataset.METAINFO)),
+                    state_dict=model.state_dict()), path)
+    return BASELINE_CFG, path, init_model(BASELINE_CFG, path, device='cpu')
+
+
+def support_of(images, tmp_path):
+    """(image, binary car mask path) pairs, masks written as 0/255 PNGs."""
+    pairs = []
+    for i, image in enumerate(images):
+        mask = (mmcv.imread(label_of(image), 'unchanged') == CAR).astype(np.uint8) * 255
+        path = str(tmp_path / f'mask{i}.png')
+        mmcv.imwrite(mask, path)
+        pairs.append((image, path))
+    return pairs
+
+
+# ---------------------------------------------------------------- the maths, by hand
+def test_mean_prototype_is_the_normalised_mean():
+    emb = F.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    protos, distinct = place_prototypes(emb, 1)
+    hand = emb.numpy().mean(0)
+    hand /= np.linalg.norm(hand)
+    np.testing.assert_allclose(protos[0].numpy(), hand, rtol=1e-5, atol=1e-6)
+    assert distinct == 1
+
+
+def test_clustered_prototypes_find_balanced_clusters():
+    """Three tight, equal clusters on the sphere: the K=3 prototypes are their normalised
+    means (computed by hand), whatever pixels the clustering starts from."""
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(3, 16, generator=g), dim=1)
+    emb = F.normalize(centres.repeat_interleave(40, 0) + 0.05 * torch.randn(120, 16,
+                                                                          generator=g), dim=1)
+    for seed in range(3):
+        protos, distinct = place_prototypes(emb, 3, seed=seed)
+        assert distinct == 3
+        np.testing.assert_allclose(protos.norm(dim=1).numpy(), 1, atol=1e-6)
+        for c in range(3):
+            hand = emb[40 * c:40 * (c + 1)].numpy().mean(0)
+            hand /= np.linalg.norm(hand)
+            assert float((protos @ torch.from_numpy(hand)).max()) > 0.9999
+
+
+def test_fewer_pixels_than_prototypes_repeat_each_pixel():
+    emb = F.normalize(torch.randn(3, 8), dim=1)
+    protos, distinct = place_prototypes(emb, 10)
+    assert distinct == 3 and protos.shape == (10, 8)
+    for row in protos:
+        assert any(torch.allclose(row, e) for e in emb)
+
+
+def test_imprinted_row_by_hand():
+    feats = torch.tensor([[3.0, 0.0, 4.0], [1.0, 2.0, 0.0]])
+    weight = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 4.0]])  # norms 2 and 4: mean 3
+    mean = np.array([2.0, 1.0, 2.0])  # |mean| = 3
+    np.testing.assert_allclose(imprint_weight(feats, weight).numpy(), mean / 3 * 3)
+
+
+def test_calibrated_offset_by_hand():
+    """Pixels with t = max(base) - new score: positives at t = 1, 2, 5; others at t = 3, 4,
+    6. Admitting t <= 2 gives IoU 2/3; t <= 5 gives 3/5: the offset is midway between 2 and
+    the next t (3)."""
+    base = torch.tensor([[1.0], [2.0], [5.0], [3.0], [4.0], [6.0]])
+    new = torch.zeros(6)
+    positive = torch.tensor([True, True, True, False, False, False])
+    offset, iou = calibrate_offset(new, base, positive, torch.ones(6, dtype=torch.bool))
+    assert offset == pytest.approx(2.5) and iou == pytest.approx(2 / 3)
+    # an unknown (void) pixel at t = 2.2 is neither counted nor a boundary
+    base = torch.cat([base, torch.tensor([[2.2]])])
+    known = torch.tensor([True] * 6 + [False])
+    offset, _ = calibrate_offset(torch.zeros(7), base, torch.cat([positive, torch.tensor(
+        [False])]), known)
+    assert offset == pytest.approx(2.5)
+
+
+def test_base_classes_layer_norm_by_hand():
+    norm = BaseClassesLayerNorm(5, 3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5]))
+        norm.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 0.4, -1.0]))
+    x = torch.tensor([[0.2, 0.5, 0.8, 0.9, -0.3]])
+    out = norm(x)[0].detach().numpy()
+    base = np.array([0.2, 0.5, 0.8])
+    mu, sd = base.mean(), np.sqrt(base.var() + 1e-5)
+    w, b = norm.weight.detach().numpy(), norm.bias.detach().numpy()
+    np.testing.assert_allclose(out, (x[0].numpy() - mu) / sd * w + b, rtol=1e-5)
+    ref = F.layer_norm(x[:, :3], (3, ), norm.weight[:3], norm.bias[:3])
+    assert torch.equal(norm(x)[:, :3], ref)  # the trained classes' logits bit-identical
+
+
+# ---------------------------------------------------------------- the API on real models
+def _logits(model, image):
+    from mmseg.apis import inference_model
+    return inference_model(model, image).seg_logits.data
+
+
+@pytest.mark.parametrize('which', ['protoseg', 'parametric'])
+def test_added_class_leaves_trained_classes_untouched(which, request, tmp_path):
+    _, _, model = request.getfixturevalue(which)
+    support = support_of(car_images(2), tmp_path)
+    new, report = add_classes(model, ['mystery'], [support])
+    assert new.decode_head.num_classes == 12 and model.decode_head.num_classes == 11
+    assert new.dataset_meta['classes'][-1] == 'mystery'
+    assert len(new.dataset_meta['palette']) == 12
+    assert report.classes[0].pixels > 0 and report.classes[0].index == 11
+    for image in VAL[:3]:
+        before, after = _logits(model, image), _logits(new, image)
+        assert after.shape[0] == 12
+        assert torch.equal(before, after[:11])  # bit-identical trained classes
+        pred, pred_before = after.argmax(0), before.argmax(0)
+        changed = pred != pred_before
+        assert bool((pred[changed] == 11).all())  # only where the new class wins
+
+
+def test_new_prototypes_against_an_independent_computation(protoseg, tmp_path):
+    """K = 1: the new prototype is the normalised mean of the support pixels' embeddings,
+    computed here through the head's own modules by hand (decoder -> LayerNorm -> L2),
+    with the mask resized as MMSeg resizes labels."""
+    from mmcv.transforms import Compose
+    _, _, model = protoseg
+    image = car_images(1)[0]
+    support = support_of([image], tmp_path)
+    new, report = add_classes(model, ['mystery'], [support], num_prototypes=1)
+    head = model.decode_head
+    pipeline = Compose([t for t in model.cfg.test_pipeline if t['type'] != 'LoadAnnotations'])
+    data = pipeline(dict(img_path=image))
+    batch = model.data_preprocessor(dict(inputs=[data['inputs']],
+                                         data_samples=[data['data_samples']]), False)
+    with torch.no_grad():
+        feats = head.decoder(model.extract_feat(batch['inputs']))  # (1, D, h, w)
+        emb = F.normalize(head.feat_norm(feats.permute(0, 2, 3, 1)), dim=-1)[0]
+    mask = mmcv.imread(support[0][1], 'unchanged') > 0
+    h, w = data['data_samples'].img_shape
+    mask = mmcv.imresize(mask.astype(np.uint8), (w, h), interpolation='nearest')
+    mask = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=emb.shape[:2],
+                         mode='nearest')[0, 0].bool()
+    hand = F.normalize(emb[mask].double().mean(0), dim=0)
+    got = new.decode_head.prototypes[-1]
+    assert int(mask.sum()) == report.classes[0].pixels
+    torch.testing.assert_close(got.double(), hand.expand_as(got), atol=1e-5, rtol=0)
+    torch.testing.assert_close(new.decode_head.prototypes[:11], head.prototypes)
+    assert new.decode_head.mask_norm.weight[-1].item() == pytest.approx(
+        head.mask_norm.weight.mean().item())
+
+
+def test_calibrated_offset_classifies_most_support_pixels(parametric, tmp_path):
+    _, _, model = parametric
+    support = support_of(car_images(2), tmp_path)
+    _, calibrated = add_classes(model, ['mystery'], [support])
+    _, plain = add_classes(model, ['mystery'], [support], calibrate=False)
+    assert plain.classes[0].offset == pytest.approx(
+        model.decode_head.conv_seg.bias.mean().item())
+    assert calibrated.classes[0].support_iou >= plain.classes[0].support_iou
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize('case', ['empty', 'size', 'name', 'vanishes', 'unreadable',
+                                  'head', 'values'])
+def test_bad_input_is_refused_with_a_message(case, protoseg, tmp_path):
+    _, _, model = protoseg
+    image = car_images(1)[0]
+    mask = np.zeros(mmcv.imread(image).shape[:2], np.uint8)
+    mask[100:200, 100:200] = 255
+    name, message = 'mystery', None
+    if case == 'empty':
+        mask[:] = 0
+        message = 'no pixel of the class'
+    elif case == 'size':
+        mask = mask[:-1]
+        message = 'must be the same size'
+    elif case == 'name':
+        name, message = 'car', 'already a class'
+    elif case == 'vanishes':
+        mask[:] = 0
+        mask[1, 1] = 255
+        message = "no support pixel is left at the decoder's resolution"
+    elif case == 'values':
+        mask[0, 0] = 7
+        message = 'binary mask'
+    path = str(tmp_path / 'm.png')
+    mmcv.imwrite(mask, path)
+    support = [(image, path)]
+    if case == 'unreadable':
+        support = [(str(tmp_path / 'missing.jpg'), path)]
+        message = 'cannot read the image'
+    target = model
+    if case == 'head':
+        import copy
+        target = copy.deepcopy(model)
+        target.decode_head = torch.nn.Identity()
+        message = 'cannot take a class'
+    with pytest.raises(AddClassError, match=message):
+        add_classes(target, [name], [support])
+
+
+# ---------------------------------------------------------------- the tool
+def run_tool(*args):
+    return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+def test_tool_writes_a_model_mmseg_loads(protoseg, tmp_path):
+    from mmseg.apis import MMSegInferencer, inference_model, init_model
+    cfg, ckpt, model = protoseg
+    pairs = support_of(car_images(2), tmp_path)
+    lst = tmp_path / 'support list.txt'
+    lst.write_text('# car as a new class\n' + '\n'.join(
+        f'"{i}" {osp.relpath(m, tmp_path)}' for i, m in pairs) + '\n')
+    out = tmp_path / 'out'
+    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'support pixels' in proc.stdout and 'prototype(s) placed' in proc.stdout
+    new_cfg = str(out / osp.basename(cfg))
+    new_ckpt = str(out / osp.basename(ckpt))
+    loaded = init_model(new_cfg, new_ckpt, device='cpu')
+    assert loaded.dataset_meta['classes'][-1] == 'mystery'
+    result = inference_model(loaded, VAL[0])
+    assert result.seg_logits.data.shape[0] == 12
+    assert torch.equal(result.seg_logits.data[:11], _logits(model, VAL[0]))
+    out_inf = MMSegInferencer(model=new_cfg, weights=new_ckpt, device='cpu')(
+        VAL[0], return_datasamples=True)
+    assert out_inf.seg_logits.data.shape[0] == 12
+    # MMSeg's test tool (the package's tools/test.py runs mmseg's) on the written config
+    work = tmp_path / 'test_work'
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'test.py'), new_cfg,
+                           new_ckpt, '--work-dir', str(work)], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'mystery' in proc.stdout + proc.stderr
+    # a second run into the same folder is refused (no --force): nothing replaced
+    before = open(new_ckpt, 'rb').read()
+    proc = run_tool(cfg, ckpt, '--name', 'other', '--support', lst, '--out', out)
+    assert proc.returncode != 0 and 'already holds a checkpoint' in proc.stderr
+    assert open(new_ckpt, 'rb').read() == before
+
+
+def test_tool_refuses_bad_input_and_writes_nothing(protoseg, tmp_path):
+    cfg, ckpt, _ = protoseg
+    image = car_images(1)[0]
+    empty = tmp_path / 'empty.png'
+    mmcv.imwrite(np.zeros(mmcv.imread(image).shape[:2], np.uint8), str(empty))
+    lst = tmp_path / 'list.txt'
+    lst.write_text(f'{image} {empty}\n')
+    out = tmp_path / 'out'
+    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
+    assert proc.returncode != 0 and 'no pixel of the class' in proc.stderr
+    assert 'nothing was written' in proc.stderr
+    assert not out.exists() or not os.listdir(out)
+    lst.write_text(f'{image}\n')
+    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
+    assert proc.returncode != 0 and 'expected IMAGE MASK' in proc.stderr
+    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', ckpt)
+    assert proc.returncode != 0 and 'is a file' in proc.stderr
