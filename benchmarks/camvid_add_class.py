@@ -294,6 +294,12 @@ def main():
     args = p.parse_args()
     if min(args.iters, args.draws, args.threads, *args.shots) < 1:
         p.error('--iters, --draws, --threads and --shots must be >= 1')
+    from mmseg_proto.utils.output_files import (OutputPathError, check_not_input,
+                                                write_text_atomic)
+    try:  # --out never is, nor lies in, the data it reads
+        check_not_input(args.out, dict(data_root=args.data_root), 'camvid_add_class')
+    except OutputPathError as err:
+        p.error(str(err))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     jobs = [(CLASSES.index(c), h, s) for s in args.seeds for c in args.held_out
             for h in args.heads]
@@ -335,8 +341,7 @@ def main():
             f'class), {args.draws} draws per shot count\n\nMean over held-out classes:\n\n'
             + summary(records) + '\n\nPer held-out class (mean ± std over draws):\n\n'
             + table(records, oracle))
-    with open(osp.join(args.out, 'results.md'), 'w') as f:
-        f.write(text + '\n')
+    write_text_atomic(osp.join(args.out, 'results.md'), text + '\n')
     print(text)
 
 

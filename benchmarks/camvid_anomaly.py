@@ -221,6 +221,12 @@ def main():
         p.error(f"--held-out {' '.join(unknown)}: not CamVid classes ({', '.join(CLASSES)})")
     if args.iters < 1 or args.jobs < 1:
         p.error('--iters and --jobs must be positive')
+    from mmseg_proto.utils.output_files import (OutputPathError, check_not_input,
+                                                write_text_atomic)
+    try:  # --out never is, nor lies in, the data it reads
+        check_not_input(args.out, dict(data_root=args.data_root), 'camvid_anomaly')
+    except OutputPathError as err:
+        p.error(str(err))
     if args.evaluate:  # one model, in its own process (see run() below)
         work, cls = args.evaluate
         try:
@@ -295,8 +301,7 @@ def main():
     text = (f'CamVid val (101 images): the pixels of the held-out class (ignored in training) '
             f'against every other labelled pixel; {args.iters} iterations, seeds '
             f"{', '.join(map(str, args.seeds))}\n\n" + table(records, args.held_out))
-    with open(osp.join(args.out, 'anomaly_results.md'), 'w') as f:
-        f.write(text + '\n')
+    write_text_atomic(osp.join(args.out, 'anomaly_results.md'), text + '\n')
     print(text)
 
 

@@ -363,6 +363,12 @@ def main():
     args = p.parse_args()
     if args.iters < 1 or args.jobs < 1 or args.threads < 1:
         p.error('--iters, --jobs and --threads must be >= 1')
+    if not args.single:  # --out never is, nor lies in, the data it reads
+        from mmseg_proto.utils.output_files import OutputPathError, check_not_input
+        try:
+            check_not_input(args.out, dict(data_root=args.data_root), 'camvid_benchmark')
+        except OutputPathError as err:
+            p.error(str(err))
     os.makedirs(args.out, exist_ok=True)
     if args.single:
         variant, seed = args.single[0], int(args.single[1])
@@ -413,8 +419,8 @@ def main():
              f'with {env["OMP_NUM_THREADS"]} thread(s) each\n\n' +
              aggregate(records, [v for v in VARIANTS
                                  if any(r['variant'] == v for r in records)]))
-    with open(osp.join(args.out, 'results.md'), 'w') as f:
-        f.write(table + '\n')
+    from mmseg_proto.utils.output_files import write_text_atomic
+    write_text_atomic(osp.join(args.out, 'results.md'), table + '\n')
     print(table)
 
 

@@ -85,6 +85,12 @@ def main():
     p.add_argument('--iters', type=int,
                    help='the schedule to report, when --out holds runs of several')
     args = p.parse_args()
+    from mmseg_proto.utils.output_files import (OutputPathError, check_not_input,
+                                                write_text_atomic)
+    try:  # --out (the benchmark's folder) never is, nor lies in, the data it reads
+        check_not_input(args.out, dict(data_root=args.data_root), 'camvid_prototype_use')
+    except OutputPathError as err:
+        p.error(str(err))
     if not osp.isdir(osp.join(args.out, 'work')):
         p.error(f"--out {args.out}: no 'work' folder of camvid_benchmark.py runs; give the "
                 "--out of camvid_benchmark.py")
@@ -117,8 +123,8 @@ def main():
             cell([r['health']['exp_entropy'] for r in found]),
             cell([r['health']['cos_mean'] for r in found]),
             cell([r['health']['to_class_mean'] for r in found])]) + ' |')
-    with open(osp.join(args.out, 'prototype_use.json'), 'w') as f:
-        json.dump(records, f, indent=1)
+    write_text_atomic(osp.join(args.out, 'prototype_use.json'),
+                      json.dumps(records, indent=1))
     print('\n'.join(rows))
 
 

@@ -6,7 +6,7 @@ the graph (preprocessing inside, logits at the input size, the inference path on
 import os
 import os.path as osp
 import uuid
-from typing import List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -78,14 +78,15 @@ def is_onnx_model(path: str) -> bool:
     return model.ir_version > 0 and len(model.graph.node) > 0
 
 
-def check_output_path(out: str, inputs: Sequence[str] = (), force: bool = False) -> None:
+def check_output_path(out: str, inputs: Union[Sequence[str], Mapping[str, Any]] = (),
+                      force: bool = False) -> None:
     """Refuse an ONNX output path that would destroy a file.
 
     Args:
         out (str): The .onnx file to write.
-        inputs (Sequence[str]): Files this run reads (config, checkpoint, images): never
-            written over, whatever the spelling of either path (symbolic and hard links
-            included). URLs are skipped.
+        inputs (Sequence[str] | Mapping): Files this run reads (config, checkpoint,
+            images), or ``name -> path(s)`` of them: never written over, whatever the
+            spelling of either path (symbolic and hard links included). URLs are skipped.
         force (bool): Replace an existing file that is not an ONNX model. An existing ONNX
             model is replaced without it. Default: False.
 
@@ -99,14 +100,13 @@ def check_output_path(out: str, inputs: Sequence[str] = (), force: bool = False)
     if not osp.isdir(folder):
         raise ExportError(f'ONNX export: the folder of --out {out} ({folder}) does not '
                           'exist; create it first')
-    for path in inputs:
-        same = osp.realpath(out) == osp.realpath(path) or (
-            osp.exists(out) and osp.exists(path) and osp.samefile(out, path))
-        if same:
-            raise ExportError(
-                f'ONNX export: --out {out} is {path}, an input of this export; writing the '
-                'ONNX model there would destroy it (--force does not change this). Choose '
-                f'another file name, e.g. --out {osp.splitext(path)[0]}.onnx')
+    from .output_files import OutputPathError, check_not_input
+    if not isinstance(inputs, Mapping):
+        inputs = dict(input=list(inputs))
+    try:  # the package's output policy (mmseg_proto.utils.output_files)
+        check_not_input(out, inputs, 'ONNX export', run='export')
+    except OutputPathError as err:
+        raise ExportError(f'{err} (--force does not change this)') from None
     if osp.exists(out) and not force and not is_onnx_model(out):
         raise ExportError(
             f'ONNX export: --out {out} exists and is not an ONNX model; not writing over it. '

@@ -48,6 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         '(2-256; smaller files, e.g. for docs); 0 keeps RGB (default: 0)')
     p.add_argument('--device', default='cpu', help="e.g. 'cpu', 'cuda' (default: cpu)")
     args = p.parse_args(argv)
+    args.out_folder = check_out(p, args)  # first: never over an input or a file not ours
     for name in ('config', 'checkpoint', 'image', 'gallery'):
         if not osp.isfile(getattr(args, name)):
             p.error(f'no such {name} file: {getattr(args, name)}' + (
@@ -68,6 +69,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     except ValueError as err:
         p.error(f'--pixel: {err}')
     return args
+
+
+def check_out(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """The folder of ``--out``, checked by the package's output policy (exits on refusal).
+
+    ``--out`` is never an input (config, checkpoint, image, gallery), under any spelling or
+    link; an existing file there, or in ``<stem>_files/`` of a page, is replaced only if
+    explain_pixel wrote it (:mod:`mmseg_proto.utils.output_files`).
+
+    Args:
+        p (argparse.ArgumentParser): For the error message.
+        args (argparse.Namespace): The parsed command line.
+
+    Returns:
+        OutputFolder: The folder of ``--out``, to write the files with.
+    """
+    from mmseg_proto.utils.output_files import (OutputFolder, OutputPathError,
+                                                check_output_file)
+    inputs = dict(config=args.config, checkpoint=args.checkpoint, image=args.image,
+                  gallery=args.gallery)
+    try:
+        folder = check_output_file(args.out, 'explain_pixel', inputs)
+        if args.out.lower().endswith('.html'):
+            stem = osp.splitext(osp.basename(args.out))[0]
+            folder = OutputFolder(osp.dirname(args.out), 'explain_pixel')
+            folder.check(inputs, names=[osp.basename(args.out)],
+                         subfolders=[f'{stem}_files'], shown=args.out)
+    except OutputPathError as err:
+        p.error(str(err))
+    return folder
 
 
 def figure_size(per_prototype: int, rows: int, aspect: float) -> Tuple[float, float, int]:
@@ -186,16 +217,20 @@ def main(argv: Optional[Sequence[str]] = None):
         except (TypeError, ValueError, RuntimeError) as err:
             raise SystemExit(f'explain_pixel: {err}') from err
     image = read_rgb(args.image)
-    if args.out.lower().endswith('.html'):
-        write_explanation_html(expl, args.out, image, args.crop_size)
+    name = osp.basename(args.out)
+    if args.out.lower().endswith('.html'):  # the page and <stem>_files/, moved in at once
+        with args.out_folder.staged() as staging:
+            write_explanation_html(expl, osp.join(staging, name), image, args.crop_size)
+            args.out_folder.commit(staging, [f'{osp.splitext(name)[0]}_files'])
     else:
-        plot_explanation(expl, image, args.out, args.crop_size, args.dpi)
-        if args.png_colors:
-            from PIL import Image
-            with Image.open(args.out) as img:
-                small = img.convert('RGB').quantize(colors=args.png_colors,
-                                                    method=Image.Quantize.MAXCOVERAGE)
-            small.save(args.out, optimize=True)
+        with args.out_folder.atomic(name) as tmp:
+            plot_explanation(expl, image, tmp, args.crop_size, args.dpi)
+            if args.png_colors:
+                from PIL import Image
+                with Image.open(tmp) as img:
+                    small = img.convert('RGB').quantize(colors=args.png_colors,
+                                                        method=Image.Quantize.MAXCOVERAGE)
+                small.save(tmp, optimize=True)
     p = expl.predicted
     print(f'explain_pixel: ({args.pixel[0]}, {args.pixel[1]}) -> {p.class_name} '
           f'(score {p.score:.3f}), prototype #{p.prototype} cosine {p.similarity:.3f}; '

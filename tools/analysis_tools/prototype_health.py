@@ -9,11 +9,13 @@ table (and writes it with --out). The config may inherit ours through ``mmseg_pr
         [--num-images N] [--out health.md]
 """
 import argparse
+import os.path as osp
 from typing import Optional, Sequence
 
 from mmseg_proto.evaluation import (format_health_table, nearest_prototype_usage,
                                     prototype_health)
 from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
+from mmseg_proto.utils.output_files import OutputPathError, check_output_file
 from mmseg_proto.visualization.prototypes import (collect_embeddings, load_model,
                                                   proto_head)
 
@@ -47,6 +49,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     p.add_argument('--device', default='cpu')
     p.add_argument('--out', help='also write the table to this file')
     args = p.parse_args(argv)
+    out = None
+    if args.out:  # before anything is built: never over an input or a file not ours
+        try:
+            out = check_output_file(args.out, 'prototype_health',
+                                    dict(config=args.config, checkpoint=args.checkpoint))
+        except OutputPathError as err:
+            p.error(str(err))
 
     from mmseg.registry import DATASETS
     with mmseg_proto_config_scope():  # the config may inherit mmseg_proto::
@@ -68,9 +77,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                 model.dataset_meta.get('classes'))
     header = f'Prototype health: {args.checkpoint}, {args.split} split, {n} images\n\n'
     print(header + table)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(header + table + '\n')
+    if out is not None:
+        with out.atomic(osp.basename(args.out)) as tmp:
+            with open(tmp, 'w', encoding='utf-8') as f:
+                f.write(header + table + '\n')
     return table
 
 

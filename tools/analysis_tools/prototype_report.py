@@ -18,11 +18,14 @@ every labelled pixel under its class's prototype nearest to it. Writes to DIR:
 The config may inherit ours through ``mmseg_proto::``. See docs/prototype_report.md.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 import time
 from typing import Any, Dict, Optional, Sequence
+
+
+# What the report writes in --out (as mmseg_proto.visualization writes them).
+GALLERY, PAGE, CROPS = 'gallery.json', 'index.html', 'crops'
 
 
 def positive_int(text: str) -> int:
@@ -58,7 +61,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('config', help='ProtoSeg config file')
     p.add_argument('checkpoint', help='checkpoint file')
     p.add_argument('--out', required=True, metavar='DIR',
-                   help='output folder (created; a previous report there is replaced)')
+                   help='output folder (created; a new or empty one, or one where this '
+                        'tool wrote a report: only that report\'s files are replaced)')
     p.add_argument('--split', choices=('train', 'val', 'test'), default='train',
                    help="which dataloader's dataset of the config, always with the test "
                         'pipeline (default: train)')
@@ -82,14 +86,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ('config', 'checkpoint'):
         if not osp.isfile(getattr(args, name)):
             p.error(f'no such {name} file: {getattr(args, name)}')
-    if osp.exists(args.out) and not osp.isdir(args.out):
+    if osp.lexists(args.out) and not osp.isdir(args.out):
         p.error(f'--out {args.out} is a file; give a folder (it will hold index.html, '
                 'gallery.json and crops/)')
-    if osp.isdir(args.out) and os.listdir(args.out) and not osp.isfile(
-            osp.join(args.out, 'gallery.json')):
-        p.error(f'--out {args.out} is a folder with other files in it (no gallery.json of an '
-                'earlier report): give a new or empty folder')
+    args.out_folder = check_out(p, args)
     return args
+
+
+def check_out(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """The report folder, checked by the package's output policy (exits on refusal).
+
+    The folder is the report's own: a new or empty folder, or one where this tool wrote a
+    report (listed in its manifest, :mod:`mmseg_proto.utils.output_files`). Only the files
+    the earlier report wrote there are replaced (``gallery.json``, ``index.html``,
+    ``crops/*``); a file of these names the tool did not write, or an input, is refused.
+
+    Args:
+        p (argparse.ArgumentParser): For the error message.
+        args (argparse.Namespace): The parsed command line.
+
+    Returns:
+        OutputFolder: The report folder, to write the report with.
+    """
+    from mmseg_proto.utils.output_files import OutputFolder, OutputPathError
+    folder = OutputFolder(args.out, 'prototype_report')
+    try:
+        folder.check(dict(config=args.config, checkpoint=args.checkpoint),
+                     names=[GALLERY, PAGE], subfolders=[CROPS], exclusive=True)
+    except OutputPathError as err:
+        p.error(str(err))
+    return folder
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -126,12 +152,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     gallery = build_gallery(model, dataset, args.per_prototype, n, args.per_image,
                             progress=not args.no_progress)
     seconds_pass = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
     meta = dict(config=args.config, checkpoint=args.checkpoint, split=args.split,
                 pipeline='test', device=args.device, seconds=round(seconds_pass, 2))
-    data = save_gallery(gallery, args.out, args.crop_size, args.duplicate_cosine, meta)
-    page = write_report_html(data, args.out, title=f'Prototype report: '
-                             f'{osp.basename(args.checkpoint)}')
+    # Written aside in the folder, then moved in file by file (atomic renames): only the
+    # files of an earlier report are replaced.
+    with args.out_folder.staged() as staging:
+        data = save_gallery(gallery, staging, args.crop_size, args.duplicate_cosine, meta)
+        write_report_html(data, staging, title=f'Prototype report: '
+                          f'{osp.basename(args.checkpoint)}')
+        args.out_folder.commit(staging, replace_subfolders=[CROPS])
+    data['root'] = osp.abspath(args.out)
+    page = osp.join(args.out, PAGE)
     seconds = time.perf_counter() - start
     crops = sum(len(r['top']) for r in data['prototypes'])
     dead = sum(r['dead'] for r in data['prototypes'])

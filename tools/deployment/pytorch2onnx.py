@@ -66,8 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             print('pytorch2onnx: --dynamic: using the dynamo exporter (the TorchScript '
                   "exporter's dynamic graph fails in ONNX Runtime at other sizes)")
     try:
-        check_output_path(args.out, [args.config, args.checkpoint, *args.verify],
-                          args.force)
+        check_output_path(args.out, dict(config=args.config, checkpoint=args.checkpoint,
+                                         image=args.verify), args.force)
     except ExportError as err:
         p.error(str(err))
     import mmcv

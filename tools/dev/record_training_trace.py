@@ -22,7 +22,8 @@ CONFIG = osp.join(REPO, 'configs/protoseg/camvid/'
 KEYS = ('loss', 'decode.loss_ce', 'decode.loss_ppc', 'decode.loss_ppd')
 
 
-def record(iters: int, out: str) -> None:
+def record(iters: int, out: str, out_folder) -> None:
+    """Train ``iters`` iterations and save the trace to ``out`` (in ``out_folder``)."""
     sys.path.insert(0, REPO)
     import torch
     from mmengine.config import Config
@@ -57,7 +58,8 @@ def record(iters: int, out: str) -> None:
         cfg.work_dir = work_dir
         Runner.from_cfg(cfg).train()
     trace['prototypes'] = torch.stack(trace['prototypes'])
-    torch.save(trace, out)
+    with out_folder.atomic(osp.basename(out)) as tmp:
+        torch.save(trace, tmp)
     print(f'{iters} iterations recorded to {out}; last loss {trace["loss"][-1]:.6f}')
 
 
@@ -92,7 +94,13 @@ def main() -> None:
         sys.exit(compare(*args.compare))
     if args.iters < 1:
         p.error('--iters must be >= 1')
-    record(args.iters, args.out)
+    sys.path.insert(0, REPO)
+    from mmseg_proto.utils.output_files import OutputPathError, check_output_file
+    try:  # never over the config it trains, nor a file it did not write
+        out_folder = check_output_file(args.out, 'record_training_trace', dict(config=CONFIG))
+    except OutputPathError as err:
+        p.error(str(err))
+    record(args.iters, args.out, out_folder)
 
 
 if __name__ == '__main__':

@@ -12,11 +12,13 @@ a file that is not a checkpoint, or an mmengine checkpoint (which needs no
 conversion), is named as such.
 """
 import argparse
+import os.path as osp
 import sys
 
 from mmseg_proto.utils.convert_openseg import (DEFAULT_CONFIG,
                                                OpensegConversionError,
                                                convert_file)
+from mmseg_proto.utils.output_files import OutputPathError, check_output_file
 
 
 def parse_args() -> argparse.Namespace:
@@ -25,7 +27,8 @@ def parse_args() -> argparse.Namespace:
         description="Convert the ProtoSeg authors' openseg checkpoint "
         '(tfzhou/ProtoSeg, HRNet-W48 Cityscapes) to an MMSeg checkpoint')
     parser.add_argument('src', help='openseg checkpoint (.pth)')
-    parser.add_argument('dst', help='output MMSeg checkpoint (.pth)')
+    parser.add_argument('dst', help='output MMSeg checkpoint (.pth); never SRC or the '
+                        'config, and an existing file only if this converter wrote it')
     parser.add_argument(
         '--config',
         default=DEFAULT_CONFIG,
@@ -43,10 +46,16 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     """Run the conversion; exit status 1 with a message on failure."""
     args = parse_args()
-    try:
-        convert_file(args.src, args.dst, args.config, args.trust_pickle)
-    except (OpensegConversionError, FileNotFoundError) as err:
-        print(f'convert_openseg_protoseg: error: {err}', file=sys.stderr)
+    try:  # DST is never SRC or the config, nor a file this converter did not write
+        out = check_output_file(args.dst, 'convert_openseg_protoseg',
+                                dict(source=args.src, config=args.config), option='DST')
+        with out.atomic(osp.basename(args.dst)) as tmp:  # no half file on failure
+            convert_file(args.src, tmp, args.config, args.trust_pickle,
+                         log=lambda line: print(line.replace(tmp, args.dst)))
+    except (OpensegConversionError, OutputPathError, FileNotFoundError) as err:
+        text, prefix = str(err), 'convert_openseg_protoseg: '
+        text = text[len(prefix):] if text.startswith(prefix) else text
+        print(f'convert_openseg_protoseg: error: {text}', file=sys.stderr)
         return 1
     return 0
 

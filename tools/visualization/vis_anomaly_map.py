@@ -24,6 +24,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--device', default='cpu')
     p.add_argument('--dpi', type=int, default=90)
     args = p.parse_args(argv)
+    from mmseg_proto.utils.output_files import OutputPathError, check_output_file
+    try:  # first: never over an input (the label map included) or a file not ours
+        args.out_folder = check_output_file(args.out, 'vis_anomaly_map', dict(
+            config=args.config, checkpoint=args.checkpoint, image=args.image,
+            label=args.label))
+    except OutputPathError as err:
+        p.error(str(err))
     for name in ('config', 'checkpoint', 'image', 'label'):
         path = getattr(args, name)
         if path is not None and not osp.isfile(path):
@@ -83,7 +90,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if cmap:
             fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=args.dpi)
+    with args.out_folder.atomic(osp.basename(args.out)) as tmp:
+        fig.savefig(tmp, dpi=args.dpi)
+    plt.close(fig)
     print(f'wrote {args.out}: anomaly map {anomaly.min():.3f} to {anomaly.max():.3f}')
 
 

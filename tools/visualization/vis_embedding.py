@@ -15,7 +15,6 @@ Example::
         --method tsne --classes road car building tree sky --out emb.png
 """
 import argparse
-import os
 import os.path as osp
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -55,6 +54,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='save an 8-bit palette PNG with at most this '
                         'many colours (2-256); 0 keeps full RGB (default: 0)')
     args = parser.parse_args(argv)
+    from mmseg_proto.utils.output_files import OutputPathError, check_output_file
+    try:  # first: never over an input or a file not ours
+        args.out_folder = check_output_file(args.out, 'vis_embedding', dict(
+            config=args.config, checkpoint=args.checkpoint,
+            parametric_config=args.parametric_config,
+            parametric_checkpoint=args.parametric_checkpoint))
+    except OutputPathError as err:
+        parser.error(str(err))
     if (args.parametric_config is None) != (args.parametric_checkpoint is
                                             None):
         parser.error('--parametric-config and --parametric-checkpoint go '
@@ -169,15 +176,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           label='prototype'))
     fig.legend(handles=handles, loc='center right', fontsize=7,
                frameon=False)
-    out_dir = osp.dirname(osp.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    fig.savefig(args.out, dpi=args.dpi)
-    plt.close(fig)
-    if args.png_colors:
-        from PIL import Image
-        with Image.open(args.out) as img:
-            small = img.convert('RGB').quantize(colors=args.png_colors)
-        small.save(args.out, optimize=True)
+    with args.out_folder.atomic(osp.basename(args.out)) as tmp:
+        fig.savefig(tmp, dpi=args.dpi)
+        plt.close(fig)
+        if args.png_colors:
+            from PIL import Image
+            with Image.open(tmp) as img:
+                small = img.convert('RGB').quantize(colors=args.png_colors)
+            small.save(tmp, optimize=True)
     counts = {classes[c]: int((panels[0][2] == c).sum()) for c in ids}
     print(f'{args.out}: {args.method}, pixels per class {counts}')
     return 0

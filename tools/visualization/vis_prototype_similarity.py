@@ -15,7 +15,6 @@ Example::
         --classes road car --out-dir work_dirs/vis
 """
 import argparse
-import os
 import os.path as osp
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -60,6 +59,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         'many colours (2-256; much smaller files, e.g. for '
                         'docs); 0 keeps full RGB (default: 0)')
     args = parser.parse_args(argv)
+    args.out_folder = check_out(parser, args)  # first: nothing of the user's replaced
     if args.panel_size <= 0 or args.dpi <= 0:
         parser.error('--panel-size and --dpi must be > 0')
     if not 0 <= args.alpha <= 1 or not 0 < args.opacity <= 1:
@@ -67,6 +67,37 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.png_colors and not 2 <= args.png_colors <= 256:
         parser.error('--png-colors must be 0 or in [2, 256]')
     return args
+
+
+def out_name(image: str) -> str:
+    """The file written in --out-dir for an image."""
+    return f'{osp.splitext(osp.basename(image))[0]}_proto_sim.png'
+
+
+def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """--out-dir, checked by the package's output policy (exits on refusal).
+
+    Never an input folder; a figure it would write is never an input (image, config,
+    checkpoint) and replaces only a file this tool wrote
+    (:mod:`mmseg_proto.utils.output_files`). Two images with the same file name would write
+    the same figure: refused.
+
+    Returns:
+        OutputFolder: The folder, to write the figures with.
+    """
+    from mmseg_proto.utils.output_files import OutputFolder, OutputPathError
+    names = [out_name(path) for path in args.images]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        parser.error(f'two images would both write {twice[0]} in --out-dir: give images '
+                     'with different file names')
+    folder = OutputFolder(args.out_dir, 'vis_prototype_similarity', '--out-dir')
+    try:
+        folder.check(dict(config=args.config, checkpoint=args.checkpoint,
+                          image=args.images), names=names)
+    except OutputPathError as err:
+        parser.error(str(err))
+    return folder
 
 
 def figure_size(num_classes: int, num_prototypes: int, panel: float,
@@ -186,10 +217,11 @@ def plot_image(path: str, out_file: str, model, class_names: Optional[
     cbar = fig.colorbar(heat, cax=cax)
     cbar.ax.tick_params(labelsize=6)
     cbar.set_label('cosine similarity', fontsize=7)
-    fig.savefig(out_file, dpi=args.dpi)
-    plt.close(fig)
-    if args.png_colors:
-        quantize_png(out_file, args.png_colors)
+    with args.out_folder.atomic(osp.basename(out_file)) as tmp:
+        fig.savefig(tmp, dpi=args.dpi)
+        plt.close(fig)
+        if args.png_colors:
+            quantize_png(tmp, args.png_colors)
     return [classes[c] for c in ids]
 
 
@@ -205,10 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with mmseg_proto_config_scope():  # the config may inherit mmseg_proto::
         model = load_model(args.config, args.checkpoint, device=args.device)
     proto_head(model)  # fail early on a parametric model
-    os.makedirs(args.out_dir, exist_ok=True)
     for path in args.images:
-        stem = osp.splitext(osp.basename(path))[0]
-        out_file = osp.join(args.out_dir, f'{stem}_proto_sim.png')
+        out_file = osp.join(args.out_dir, out_name(path))
         shown = plot_image(path, out_file, model, args.classes, args)
         print(f'{out_file}: classes {", ".join(shown)}')
     return 0
