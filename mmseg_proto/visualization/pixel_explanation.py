@@ -6,13 +6,15 @@ import os.path as osp
 import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from urllib.parse import quote
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .image_crops import crop_around, draw_marker, read_rgb, write_png
-from .prototype_gallery import load_gallery, prototype_fingerprint, prototype_record
+from .prototype_gallery import (check_gallery, load_gallery, prototype_fingerprint,
+                                prototype_record, resolve_crop)
 from .prototype_report_page import REPORT_CSS
 from .prototypes import ImageType, preprocess_image, proto_head, prototype_similarity
 
@@ -30,6 +32,8 @@ class ClassEvidence:
             ``similarity``, ``crop``: an absolute path when the gallery's folder is known).
         pixels (int): Gallery pixels filed under the prototype (its use).
         use_share (float): Their share of the class's gallery pixels.
+        untrained (bool, optional): Training never moved the prototype from its random
+            initialisation (None: not known; see ``untrained_prototypes``).
     """
     class_id: int
     class_name: str
@@ -39,6 +43,7 @@ class ClassEvidence:
     gallery: List[Dict[str, Any]]
     pixels: int = 0
     use_share: Optional[float] = None
+    untrained: Optional[bool] = None
 
 
 @dataclass
@@ -64,7 +69,8 @@ class PixelExplanation:
 
 
 def check_gallery_model(gallery: Dict[str, Any], model: nn.Module) -> None:
-    """Raise ValueError unless ``gallery`` was built with ``model``'s prototypes."""
+    """Raise ValueError unless ``gallery`` (checked by
+    :func:`~.prototype_gallery.check_gallery`) was built with ``model``'s prototypes."""
     protos = proto_head(model).prototypes
     c, k, _ = protos.shape
     if (gallery['num_classes'], gallery['num_prototypes']) != (c, k):
@@ -81,25 +87,44 @@ def check_gallery_model(gallery: Dict[str, Any], model: nn.Module) -> None:
 
 def _gallery_pixels(gallery: Dict[str, Any], c: int, k: int) -> Tuple[
         List[Dict[str, Any]], Dict[str, Any]]:
+    """Prototype ``k`` of class ``c``'s gallery pixels, crops resolved inside the gallery's
+    folder (ValueError if one is outside it or missing), and its record."""
     record = prototype_record(gallery, c, k)
-    root = gallery.get('root')
+    root = gallery['root']
     rows = []
     for e in record['top']:
+        try:
+            crop = resolve_crop(root, e['crop'])
+        except ValueError as err:
+            raise ValueError(f"The gallery's crop of class {c} prototype {k}: {err}") from None
+        if not osp.isfile(crop):
+            raise ValueError(f"The gallery's crop {e['crop']} of class {c} prototype {k} is "
+                             f'missing from {root}: copy the whole report folder, or rebuild '
+                             'it with tools/analysis_tools/prototype_report.py')
         rows.append(dict(image_path=gallery['images'][e['image']]['path'], y=e['y'],
-                         x=e['x'], similarity=e['similarity'],
-                         crop=osp.join(root, e['crop']) if root else e['crop']))
+                         x=e['x'], similarity=e['similarity'], crop=crop))
     return rows, record
 
 
 def image_size(image: ImageType) -> Tuple[int, int]:
-    """(H, W) of an image file or array."""
+    """(H, W) of an image file or array, as the model sees it.
+
+    A file is decoded as the default ``LoadImageFromFile`` decodes it (``mmcv.imfrombytes``,
+    ``color``), so a JPEG with an EXIF orientation (a phone photo) has its rotated size.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        ValueError: if it cannot be read as an image.
+    """
     if isinstance(image, np.ndarray):
         return int(image.shape[0]), int(image.shape[1])
-    from PIL import Image
     if not osp.isfile(str(image)):
         raise FileNotFoundError(f'No such image: {image}')
-    with Image.open(image) as img:
-        return int(img.height), int(img.width)
+    try:
+        img = read_rgb(str(image))
+    except FileNotFoundError:
+        raise ValueError(f'Cannot read {image} as an image') from None
+    return int(img.shape[0]), int(img.shape[1])
 
 
 def check_pixel(pixel: Sequence[int], shape: Tuple[int, int]) -> Tuple[int, int]:
@@ -138,11 +163,15 @@ def explain_pixel(model: nn.Module, image: ImageType, pixel: Sequence[int],
     Raises:
         ValueError: if the pixel is outside the image or the gallery is another model's.
     """
-    gallery = load_gallery(gallery) if isinstance(gallery, str) else gallery
+    if isinstance(gallery, str):
+        gallery = load_gallery(gallery)
+    else:
+        check_gallery(gallery)
     check_gallery_model(gallery, model)
     head = proto_head(model)
-    y, x = check_pixel(pixel, image_size(image))
     data = preprocess_image(model, image)
+    # The pixel is checked against the image the model sees (EXIF orientation applied).
+    y, x = check_pixel(pixel, tuple(data['data_samples'][0].ori_shape[:2]))
     result = model.predict(data['inputs'], data['data_samples'])[0]
     c = head.num_classes
     scores = result.seg_logits.data[:c, y, x].float().cpu()
@@ -158,7 +187,8 @@ def explain_pixel(model: nn.Module, image: ImageType, pixel: Sequence[int],
         evidence.append(ClassEvidence(
             class_id=cls, class_name=classes[cls], score=float(scores[cls]),
             prototype=int(k), similarity=float(best), gallery=rows,
-            pixels=record['pixels'], use_share=record['use_share']))
+            pixels=record['pixels'], use_share=record['use_share'],
+            untrained=record.get('untrained')))
     return PixelExplanation(image=image if isinstance(image, str) else None, pixel=(y, x),
                             image_shape=tuple(result.pred_sem_seg.data.shape[-2:]),
                             predicted=evidence[0], runners_up=evidence[1:])
@@ -177,6 +207,10 @@ def write_explanation_html(explanation: PixelExplanation, out_file: str,
     esc = html.escape
     stem = osp.splitext(osp.basename(out_file))[0]
     files = osp.join(osp.dirname(osp.abspath(out_file)), f'{stem}_files')
+
+    def url(name: str) -> str:  # relative link to a file in <stem>_files/, URL-escaped
+        return esc(quote(f'{stem}_files/{name}'))
+
     os.makedirs(files, exist_ok=True)
     if image is None:
         image = read_rgb(explanation.image)
@@ -188,8 +222,8 @@ def write_explanation_html(explanation: PixelExplanation, out_file: str,
              f'{esc(p.class_name)}?</title><style>{REPORT_CSS}</style></head><body>',
              f'<h1>Pixel (y {y}, x {x}): {esc(p.class_name)}</h1>',
              f'<p class="meta">{esc(str(explanation.image))}</p>',
-             f'<p><img src="{stem}_files/image.png" alt="image" style="max-width:480px">'
-             f' <img src="{stem}_files/query.png" alt="pixel" width="128" height="128"></p>',
+             f'<p><img src="{url("image.png")}" alt="image" style="max-width:480px">'
+             f' <img src="{url("query.png")}" alt="pixel" width="128" height="128"></p>',
              f'<p>Predicted <b>{esc(p.class_name)}</b> (score {p.score:.3f}): of the '
              f'{esc(p.class_name)} prototypes, the pixel is nearest to <b>#{p.prototype}</b> '
              f'(cosine {p.similarity:.3f}), which stands for the training pixels in its '
@@ -203,11 +237,13 @@ def write_explanation_html(explanation: PixelExplanation, out_file: str,
             name = f'c{ev.class_id}_k{ev.prototype}_{j}.png'
             shutil.copyfile(e['crop'], osp.join(files, name))
             tip = f"{osp.basename(str(e['image_path']))} (y {e['y']}, x {e['x']})"
-            crops.append(f'<figure><img class="crop" src="{stem}_files/{name}" alt="{esc(tip)}"'
+            crops.append(f'<figure><img class="crop" src="{url(name)}" alt="{esc(tip)}"'
                          f' title="{esc(tip)}"><figcaption>{e["similarity"]:.2f}</figcaption>'
                          '</figure>')
+        untrained = (' <span class="flag dead">never trained: a random prototype</span>'
+                     if ev.untrained else '')
         parts.append(f'<tr class="evidence" data-rank="{rank}"><td>{esc(ev.class_name)}</td>'
-                     f'<td class="num">{ev.score:.3f}</td><td>#{ev.prototype}</td>'
+                     f'<td class="num">{ev.score:.3f}</td><td>#{ev.prototype}{untrained}</td>'
                      f'<td class="num">{ev.similarity:.3f}</td>'
                      f'<td class="crops">{"".join(crops)}</td></tr>')
     parts.append('</tbody></table></body></html>\n')

@@ -2,8 +2,9 @@
 import html
 import os.path as osp
 from typing import Any, Dict, List, Optional, Sequence
+from urllib.parse import quote
 
-from .prototype_gallery import REPORT_FILE, prototype_record
+from .prototype_gallery import REPORT_FILE, check_gallery, prototype_record
 
 REPORT_CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:16px 24px;color:#222;
@@ -35,6 +36,13 @@ def _swatch(rgb: Sequence[int]) -> str:
     return '<span class="swatch" style="background:rgb({},{},{})"></span>'.format(*rgb)
 
 
+def untrained_class(gallery: Dict[str, Any], c: int) -> bool:
+    """Whether training never moved any prototype of class ``c`` from its initialisation
+    (every record of the class has ``untrained: true``; False when not known)."""
+    k = gallery['num_prototypes']
+    return all(prototype_record(gallery, c, j).get('untrained') is True for j in range(k))
+
+
 def report_rows(gallery: Dict[str, Any], c: int) -> List[Dict[str, Any]]:
     """Class ``c``'s prototype records as the page lists them: most used first."""
     k = gallery['num_prototypes']
@@ -49,15 +57,23 @@ def write_report_html(gallery: Dict[str, Any], out_dir: str,
     A header with the split, the run and the health figures per class, then per class one
     row per prototype (most used first): use share, pixels, mean cosine, flags (dead:
     no pixel; near-duplicate: cosine above the threshold to another prototype) and its
-    N crops. Images are the relative ``crops/`` files: the page opens from disk.
+    N crops. Images are the relative ``crops/`` files (URL-escaped): the page opens from
+    disk. Prototypes that training never moved from their random initialisation (records
+    with ``untrained: true``) are flagged, and a class whose prototypes all are gets no
+    health figures: its pixels were filed under random vectors.
 
     Args:
         gallery (dict): From :func:`save_gallery` or :func:`load_gallery`.
         out_dir (str): Folder that holds ``gallery.json`` and ``crops/``.
         title (str): Page title. Default: 'Prototype report'.
+
+    Raises:
+        ValueError: if the gallery has a missing or mistyped entry, or a crop outside
+            ``out_dir`` (:func:`~.prototype_gallery.check_gallery`); nothing is written.
     """
     esc = html.escape
     g = gallery
+    check_gallery(g, root=out_dir)
     classes, palette, health = g['classes'], g['palette'], g['health']
     k = g['num_prototypes']
     parts = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -81,7 +97,10 @@ def write_report_html(gallery: Dict[str, Any], out_dir: str,
         'cosine similarity to it; the crops are the filed pixels most similar to it '
         '(marked at the centre), most similar first. <span class="flag dead">dead</span>: no '
         'pixel filed; <span class="flag dup">near-duplicate</span>: another prototype\'s '
-        'cosine to it is above the threshold.</p>')
+        'cosine to it is above the threshold; <span class="flag dead">never trained</span>: '
+        'training never moved the prototype from its random initialisation (' +
+        esc(str(g.get('untrained_check') or 'not checked for this gallery')) + '), so the '
+        'pixels filed under it say nothing about what it learned.</p>')
     parts.append('<nav>' + ''.join(f'<a href="#class-{c}">{esc(name)}</a>'
                                    for c, name in enumerate(classes)) + '</nav>')
     # Health figures (tools/analysis_tools/prototype_health.py, same rule).
@@ -92,15 +111,20 @@ def write_report_html(gallery: Dict[str, Any], out_dir: str,
     for c, name in enumerate(classes):
         recs = [prototype_record(g, c, j) for j in range(k)]
         dead = sum(r['dead'] for r in recs)
-        dup = sum(bool(r['duplicates']) for r in recs)
+        dup = sum(bool(r['duplicates']) for r in recs)  # prototypes flagged, not pairs
+        if untrained_class(g, c):
+            figures = ('<td colspan="3"><span class="flag dead">never trained: random '
+                       'prototypes</span></td>')
+        else:
+            figures = (f'<td class="num">{_fmt(health["effective"][c], ".0f")}</td>'
+                       f'<td class="num">{_fmt(health["exp_entropy"][c])}</td>'
+                       f'<td class="num">{_fmt(health["cos_min"][c])} / '
+                       f'{_fmt(health["cos_mean"][c])} / {_fmt(health["cos_max"][c])}</td>')
         parts.append(
-            f'<tr><td>{_swatch(palette[c])}<a href="#class-{c}">{esc(name)}</a></td>'
-            f'<td class="num">{g["class_pixels"][c]}</td>'
-            f'<td class="num">{_fmt(health["effective"][c], ".0f")}</td>'
-            f'<td class="num">{_fmt(health["exp_entropy"][c])}</td>'
-            f'<td class="num">{_fmt(health["cos_min"][c])} / {_fmt(health["cos_mean"][c])} / '
-            f'{_fmt(health["cos_max"][c])}</td><td class="num">{dead}</td>'
-            f'<td class="num">{dup}</td></tr>')
+            f'<tr class="class-health" data-class="{c}"><td>{_swatch(palette[c])}'
+            f'<a href="#class-{c}">{esc(name)}</a></td>'
+            f'<td class="num">{g["class_pixels"][c]}</td>{figures}'
+            f'<td class="num">{dead}</td><td class="num dup-count">{dup}</td></tr>')
     parts.append('</tbody></table>')
     for c, name in enumerate(classes):
         parts.append(f'<h2 id="class-{c}">{_swatch(palette[c])}{esc(name)}</h2>')
@@ -108,6 +132,12 @@ def write_report_html(gallery: Dict[str, Any], out_dir: str,
         parts.append(f'<p class="meta">{pixels} labelled pixels'
                      + ('' if pixels else ': the class does not occur in these images, so '
                         'none of its prototypes is used') + '</p>')
+        if untrained_class(g, c):
+            parts.append('<p class="note untrained-class"><span class="flag dead">never '
+                         'trained</span> Training never updated any prototype of this class '
+                         '(e.g. a held-out class, or one absent from the training crops): '
+                         'its pixels are filed under random prototypes, and the use and '
+                         'crops below describe those, not anything learned.</p>')
         parts.append('<table class="prototypes"><thead><tr><th>prototype</th><th>use</th>'
                      '<th>pixels</th><th>mean cos</th><th>flags</th>'
                      '<th>most similar pixels filed under it</th></tr></thead><tbody>')
@@ -115,6 +145,8 @@ def write_report_html(gallery: Dict[str, Any], out_dir: str,
             flags = []
             if r['dead']:
                 flags.append('<span class="flag dead">dead</span>')
+            if r.get('untrained'):
+                flags.append('<span class="flag dead untrained">never trained</span>')
             for d in r['duplicates']:
                 flags.append(f'<span class="flag dup">near-duplicate of {esc(d["class_name"])}'
                              f' #{d["prototype"]} ({d["cosine"]:.3f})</span>')
@@ -124,7 +156,7 @@ def write_report_html(gallery: Dict[str, Any], out_dir: str,
                 img = g['images'][e['image']]
                 tip = (f"{osp.basename(str(img['path']))} (y {e['y']}, x {e['x']}), "
                        f"cos {e['similarity']:.3f}")
-                crops.append(f'<figure><img class="crop" src="{esc(e["crop"])}" alt="'
+                crops.append(f'<figure><img class="crop" src="{esc(quote(e["crop"]))}" alt="'
                              f'{esc(tip)}" title="{esc(tip)}"><figcaption>'
                              f'{e["similarity"]:.2f}</figcaption></figure>')
             parts.append(

@@ -4,7 +4,8 @@ Used by ``tools/visualization/vis_prototype_similarity.py`` (the paper's Fig. 3)
 ``tools/visualization/vis_embedding.py`` (Fig. 5). Everything runs on CPU by default and
 under ``torch.no_grad``.
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,9 +33,16 @@ def load_model(config: str, checkpoint: str,
         checkpoint (str): Checkpoint file.
         device (str): Device to run on. Default: 'cpu'.
 
+    Class names that are not strings (e.g. integers) become ``str()`` of
+    them, and a palette that does not give one RGB colour per class is
+    replaced by a generated one, each with a warning
+    (:func:`checked_dataset_meta`): this happens here, before a tool writes
+    anything.
+
     Returns:
-        nn.Module: The segmentor in eval mode, with ``cfg`` and
-        ``dataset_meta`` (``classes``, ``palette``) set.
+        nn.Module: The segmentor in eval mode, with ``cfg``,
+        ``dataset_meta`` (``classes``, ``palette``) and ``checkpoint_seed``
+        (the checkpoint's ``meta.seed``, None if it has none) set.
     """
     import mmseg_proto  # noqa: F401  (registers the plugin modules)
     from mmengine.config import Config
@@ -50,21 +58,88 @@ def load_model(config: str, checkpoint: str,
         raise RuntimeError(
             f'{checkpoint} does not fit the model of {config} (is it a '
             f'checkpoint of another config?): {err}') from err
-    meta = (ckpt.get('meta') or {}).get('dataset_meta') if isinstance(
-        ckpt, dict) else None
-    if not meta or 'classes' not in meta or 'palette' not in meta:
+    ckpt_meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    ckpt_meta = ckpt_meta if isinstance(ckpt_meta, dict) else {}
+    meta = ckpt_meta.get('dataset_meta')
+    if not isinstance(meta, dict) or 'classes' not in meta or 'palette' not in meta:
         meta = _config_dataset_meta(cfg)
     num_classes = _num_classes(model)
-    if meta is None or len(meta['classes']) != num_classes:
+    if meta is None or not isinstance(meta['classes'], Sequence) or len(
+            meta['classes']) != num_classes:
         raise ValueError(
             f'Cannot tell the class names of {checkpoint}: the checkpoint '
             "has no meta['dataset_meta'] and the config's test dataset gives "
             f'none for {num_classes} classes; set test_dataloader.dataset.'
             'metainfo=dict(classes=[...], palette=[...]) in the config')
-    model.dataset_meta = dict(classes=list(meta['classes']),
-                              palette=[list(p) for p in meta['palette']])
+    classes, palette = checked_dataset_meta(meta, num_classes, checkpoint)
+    model.dataset_meta = dict(classes=classes, palette=palette)
+    seed = ckpt_meta.get('seed')
+    model.checkpoint_seed = seed if isinstance(seed, int) and not isinstance(
+        seed, bool) else None
     model.to(device).eval()
     return model
+
+
+def _generated_palette(num_classes: int) -> List[List[int]]:
+    """One RGB colour per class, the same for the same number of classes."""
+    rng = np.random.RandomState(0)
+    return rng.randint(0, 256, (num_classes, 3)).tolist()
+
+
+def _is_rgb(colour: Any) -> bool:
+    return (isinstance(colour, (list, tuple)) and len(colour) == 3 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        and 0 <= v <= 255 for v in colour))
+
+
+def checked_dataset_meta(meta: Optional[Dict], num_classes: int,
+                         source: str = 'the checkpoint'
+                         ) -> Tuple[List[str], List[List[int]]]:
+    """Class names and palette fit for the tools: C strings and C RGB colours.
+
+    Names that are not strings become ``str()`` of them; no names give
+    '0', '1', ...; a palette that is missing, short, long or not RGB in
+    0-255 is replaced by a generated one. Each repair comes with a warning.
+
+    Args:
+        meta (dict, optional): ``classes`` and ``palette`` (a dataset meta).
+        num_classes (int): C, the model's number of classes.
+        source (str): What the meta came from, for the messages.
+
+    Returns:
+        tuple[list[str], list[list[int]]]: (names, palette).
+
+    Raises:
+        ValueError: if ``classes`` is not a list of C names (which name is
+            which class cannot be guessed).
+    """
+    meta = meta if isinstance(meta, dict) else {}
+    classes = meta.get('classes')
+    if classes is None:
+        warnings.warn(f'{source} gives no class names: using 0..{num_classes - 1}')
+        classes = [str(j) for j in range(num_classes)]
+    if isinstance(classes, (str, bytes)) or not isinstance(
+            classes, Sequence) or len(classes) != num_classes:
+        raise ValueError(
+            f'The class names of {source} ({classes!r:.200}) are not a list of '
+            f'{num_classes} names, one per class of the model; set '
+            'test_dataloader.dataset.metainfo=dict(classes=[...]) in the config')
+    if not all(isinstance(n, str) for n in classes):
+        warnings.warn(f'The class names of {source} are not all strings '
+                      f'({list(classes)!r:.200}): using str() of each')
+    names = [n if isinstance(n, str) else str(n) for n in classes]
+    palette = meta.get('palette')
+    if isinstance(palette, np.ndarray):
+        palette = palette.tolist()
+    if not (isinstance(palette, (list, tuple)) and len(palette) == num_classes
+            and all(_is_rgb(p) for p in palette)):
+        if palette is not None:
+            warnings.warn(
+                f'The palette of {source} ({palette!r:.200}) does not give one '
+                f'RGB colour in 0-255 for each of the {num_classes} classes: '
+                'using a generated palette')
+        palette = _generated_palette(num_classes)
+    return names, [[int(v) for v in p] for p in palette]
 
 
 def _config_dataset_meta(cfg) -> Optional[Dict]:
@@ -82,9 +157,7 @@ def _config_dataset_meta(cfg) -> Optional[Dict]:
     if 'classes' not in base:
         return None
     if 'palette' not in base or len(base['palette']) != len(base['classes']):
-        rng = np.random.RandomState(0)
-        base['palette'] = rng.randint(0, 256, (len(base['classes']),
-                                               3)).tolist()
+        base['palette'] = _generated_palette(len(base['classes']))
     return base
 
 

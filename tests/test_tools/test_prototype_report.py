@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO, train_camvid_protoseg
+from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO
 
 NUM_IMAGES = 3
 PER_PROTOTYPE = 2
@@ -46,15 +46,45 @@ def _tool(name):
     return module
 
 
+def train_recording_prototypes(work_dir, iters=2, crop=64, seed=1):
+    """conftest.train_camvid_protoseg (``iters`` iterations on ``crop`` x ``crop`` crops),
+    seeded ``seed``; returns (checkpoint, the prototypes the runner initialised, the trained
+    prototypes)."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    cfg = Config.fromfile(PROTO_CFG)
+    cfg.work_dir = str(work_dir)
+    cfg.train_cfg.max_iters = iters
+    cfg.train_cfg.val_interval = 10 * iters
+    cfg.default_hooks.checkpoint.interval = iters
+    cfg.default_hooks.logger.interval = iters
+    cfg.model.data_preprocessor.size = (crop, crop)
+    cfg.train_dataloader.batch_size = 1
+    for t in cfg.train_dataloader.dataset.pipeline:
+        if t['type'] == 'RandomCrop':
+            t['crop_size'] = (crop, crop)
+    cfg.randomness = dict(seed=seed)
+    runner = Runner.from_cfg(cfg)
+    initial = runner.model.decode_head.prototypes.detach().clone()
+    runner.train()
+    return (osp.join(str(work_dir), f'iter_{iters}.pth'), initial,
+            runner.model.decode_head.prototypes.detach().clone())
+
+
 @pytest.fixture(scope='module')
-def models(tmp_path_factory):
+def trained(tmp_path_factory):
+    """(ProtoSeg checkpoint of 2 iterations, its initial and its trained prototypes)."""
+    return train_recording_prototypes(tmp_path_factory.mktemp('train'))
+
+
+@pytest.fixture(scope='module')
+def models(trained, tmp_path_factory):
     """(ProtoSeg checkpoint of 2 iterations, untrained parametric baseline checkpoint)."""
     root = tmp_path_factory.mktemp('report')
-    ckpt, _ = train_camvid_protoseg(root / 'train', iters=2, crop=64)
     from mmseg.apis import init_model
     base = init_model(BASELINE_CFG, None, device='cpu')
     torch.save({'state_dict': base.state_dict()}, root / 'base.pth')
-    return ckpt, str(root / 'base.pth')
+    return trained[0], str(root / 'base.pth')
 
 
 @pytest.fixture(scope='module')
@@ -249,6 +279,9 @@ def test_explain_pixel_tool_refuses_bad_arguments(models, report, tmp_path, caps
              '--out', png], 'outside the 360x480 image (H x W): y must be in [0, 359]')
     refused([PROTO_CFG, ckpt, VAL_IMG, '--pixel', '0', '-1', '--gallery', gallery,
              '--out', png], 'x in [0, 479]')
+    refused([PROTO_CFG, ckpt, VAL_IMG, '--pixel', '0', '480', '--gallery', gallery,
+             '--out', png], 'outside the 360x480 image (H x W): y must be in [0, 359] and x '
+            'in [0, 479]')
     refused([PROTO_CFG, ckpt, VAL_IMG, '--pixel', '0', '0', '--gallery', gallery,
              '--out', str(tmp_path / 'x.jpg')], 'give a .png (figure) or .html (page)')
     refused([PROTO_CFG, ckpt, VAL_IMG, '--pixel', '0', '0', '--gallery',
@@ -263,3 +296,152 @@ def test_explain_pixel_tool_refuses_bad_arguments(models, report, tmp_path, caps
         json.dump(other, open(path, 'w'))
         refused([PROTO_CFG, ckpt, VAL_IMG, '--pixel', '0', '0', '--gallery', path,
                  '--out', png], 'built from another checkpoint')
+
+
+def test_report_flags_prototypes_training_never_updated(trained, report):
+    """A class absent from the 2 training crops (or never classified right there) keeps its
+    random prototypes: the report flags them and gives the class no health figures, while
+    its pixels in the report's images are still filed under them (the issue's case)."""
+    _, initial, final = trained
+    out, data = report
+    # Independent expectation: what the training run itself did to each prototype.
+    expected = (final == initial).all(dim=-1)
+    assert expected.any() and not expected.all()
+    assert [r['untrained'] for r in data['prototypes']] == expected.flatten().tolist()
+    assert 'seed 1' in data['untrained_check']
+    never = [c for c in range(data['num_classes']) if bool(expected[c].all())]
+    assert data['untrained_classes'] == never
+    held_out = [c for c in never if data['class_pixels'][c] > 0]
+    assert held_out, 'no class with pixels that training never updated: change the seed'
+    for c in range(data['num_classes']):
+        figures = [data['health'][key][c] for key in ('effective', 'exp_entropy')]
+        if c in never:
+            assert figures == [None, None]
+        elif data['class_pixels'][c]:
+            assert None not in figures
+    page = (out / 'index.html').read_text()
+    assert page.count('class="note untrained-class"') == len(never)
+    assert page.count('class="flag dead untrained"') == int(expected.sum())
+
+
+def test_report_with_per_image_above_per_prototype(models, report, tmp_path):
+    """--per-image larger than --per-prototype never binds: the gallery is the unlimited
+    one of the ``report`` fixture (same checkpoint, images and N)."""
+    out, data = report
+    got = _tool('prototype_report').main(
+        [PROTO_CFG, models[0], '--out', str(tmp_path / 'r'), '--num-images', str(NUM_IMAGES),
+         '--per-prototype', str(PER_PROTOTYPE), '--per-image', str(PER_PROTOTYPE + 3),
+         '--crop-size', '48', '--no-progress'])
+    assert got['per_image'] == PER_PROTOTYPE + 3
+    assert [r['top'] for r in got['prototypes']] == [r['top'] for r in data['prototypes']]
+    assert any(len(r['top']) == PER_PROTOTYPE for r in got['prototypes'])
+
+
+def test_report_repairs_integer_class_names_and_a_short_palette(models, tmp_path):
+    """A checkpoint whose meta has integer class names and a short palette: the tool warns
+    and uses str() names and a generated palette, before it writes anything."""
+    ckpt = torch.load(models[0], map_location='cpu', weights_only=False)
+    c = len(ckpt['meta']['dataset_meta']['classes'])
+    ckpt['meta']['dataset_meta'] = dict(classes=list(range(c)), palette=[[1, 2, 3]])
+    path = str(tmp_path / 'int_names.pth')
+    torch.save(ckpt, path)
+    with pytest.warns(UserWarning) as caught:
+        data = _tool('prototype_report').main(
+            [PROTO_CFG, path, '--out', str(tmp_path / 'r'), '--num-images', '1',
+             '--per-prototype', '1', '--crop-size', '16', '--no-progress'])
+    text = ' '.join(str(w.message) for w in caught)
+    assert 'not all strings' in text and 'generated palette' in text
+    assert data['classes'] == [str(j) for j in range(c)]
+    assert len(data['palette']) == c and len({tuple(p) for p in data['palette']}) > 1
+    assert (tmp_path / 'r' / 'index.html').is_file()
+
+
+def _rotated_jpeg(path):
+    """VAL_IMG (360 x 480) stored as is, with EXIF orientation 6 (shown rotated 90 degrees
+    clockwise, 480 x 360), as phones write them."""
+    from PIL import Image
+    with Image.open(VAL_IMG) as img:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.save(path, quality=95, exif=exif)
+    return str(path)
+
+
+def test_explain_pixel_on_an_exif_rotated_jpeg(models, report, tmp_path, capsys):
+    """The pixel is checked against the image the model sees (rotated); the prediction at
+    a pixel valid only in the rotated image is MMSeg's own inference there."""
+    ckpt, _ = models
+    out, _ = report
+    image = _rotated_jpeg(tmp_path / 'phone.jpg')
+    tool = _tool('explain_pixel')
+    gallery = str(out / 'gallery.json')
+    png = tmp_path / 'why.png'
+    expl = tool.main([PROTO_CFG, ckpt, image, '--pixel', '400', '10', '--gallery', gallery,
+                      '--out', str(png), '--dpi', '30'])
+    assert expl.image_shape == (480, 360) and png.is_file()
+    from mmseg.apis import inference_model
+    from mmseg_proto.visualization import load_model
+    model = load_model(PROTO_CFG, ckpt)
+    result = inference_model(model, image)
+    assert tuple(result.pred_sem_seg.data.shape[-2:]) == (480, 360)
+    assert expl.predicted.class_id == int(result.pred_sem_seg.data[0, 400, 10])
+    with pytest.raises(SystemExit) as exc:
+        tool.main([PROTO_CFG, ckpt, image, '--pixel', '10', '400', '--gallery', gallery,
+                   '--out', str(tmp_path / 'never.png')])
+    text = str(exc.value.code) + capsys.readouterr().err
+    assert 'outside the 480x360 image (H x W)' in text and 'x in [0, 359]' in text
+    from mmseg_proto.visualization.pixel_explanation import explain_pixel
+    with pytest.raises(ValueError, match=r'x in \[0, 359\]'):
+        explain_pixel(model, image, (10, 400), gallery)
+
+
+def test_explain_pixel_refuses_galleries_that_read_outside_their_folder(models, report,
+                                                                        tmp_path, capsys):
+    """A received or hand-edited gallery.json never makes explain_pixel copy a file from
+    outside the gallery's folder into its output, and a broken one gets a message."""
+    ckpt, _ = models
+    out, data = report
+    tool = _tool('explain_pixel')
+    folder = tmp_path / 'received'
+    shutil.copytree(out, folder)
+    original = json.load(open(out / 'gallery.json'))
+    secret = tmp_path / 'secret.png'
+    shutil.copyfile(VAL_IMG, secret)
+
+    def run_with(change, message):
+        gallery = json.loads(json.dumps(original))
+        change(gallery)
+        with open(folder / 'gallery.json', 'w') as f:
+            json.dump(gallery, f)
+        page = tmp_path / 'share' / 'why.html'
+        with pytest.raises(SystemExit) as exc:
+            tool.main([PROTO_CFG, ckpt, VAL_IMG, '--pixel', '200', '300', '--gallery',
+                       str(folder / 'gallery.json'), '--out', str(page)])
+        text = str(exc.value.code) + capsys.readouterr().err
+        assert message in text, text
+        assert 'Traceback' not in text
+        assert not (tmp_path / 'share' / 'why_files').exists()
+
+    def every_crop(crop):
+        def change(g):
+            for rec in g['prototypes']:
+                for e in rec['top']:
+                    e['crop'] = crop
+        return change
+
+    run_with(every_crop('../../../../etc/passwd'), 'outside the gallery folder')
+    run_with(every_crop('/etc/hostname'), 'not a path relative to the gallery folder')
+    link = folder / 'crops' / 'link.png'
+    link.symlink_to(secret)
+    run_with(every_crop('crops/link.png'), 'outside the gallery folder')
+    run_with(lambda g: g.pop('prototype_fingerprint'), "'prototype_fingerprint' is missing")
+    run_with(lambda g: g.update(classes=g['classes'][:1]),
+             f"'classes' has 1 entries, the gallery says {data['num_classes']}")
+
+    def fewer_classes(g):  # a consistent gallery of one class less than the model
+        c, k = g['num_classes'] - 1, g['num_prototypes']
+        g.update(num_classes=c, classes=g['classes'][:c], palette=g['palette'][:c],
+                 class_pixels=g['class_pixels'][:c], prototypes=g['prototypes'][:c * k],
+                 health={key: v[:c] for key, v in g['health'].items()})
+
+    run_with(fewer_classes, f"The gallery has {data['num_classes'] - 1} classes x")

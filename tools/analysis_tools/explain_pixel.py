@@ -64,8 +64,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.png_colors and not 2 <= args.png_colors <= 256:
         p.error('--png-colors must be 0 or in [2, 256]')
     from mmseg_proto.visualization.pixel_explanation import check_pixel, image_size
+    try:  # the size the model sees (EXIF orientation applied, as LoadImageFromFile does)
+        shape = image_size(args.image)
+    except ValueError as err:
+        p.error(f'image: {err}')
     try:
-        check_pixel(args.pixel, image_size(args.image))
+        check_pixel(args.pixel, shape)
     except ValueError as err:
         p.error(f'--pixel: {err}')
     return args

@@ -170,6 +170,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f'prototype_report: {n} images: {seconds_pass:.1f} s gallery pass, {seconds:.1f} s '
           'with crops and page; '
           f'{crops} crops, {dead} dead prototypes, {dups} with a near-duplicate')
+    untrained = sum(bool(r['untrained']) for r in data['prototypes'])
+    print(f'prototype_report: {untrained} prototypes never trained (classes: '
+          f"{[data['classes'][c] for c in data['untrained_classes']]}); "
+          f"{data['untrained_check']}")
     print(f'prototype_report: open {osp.abspath(page)}')
     return data
 
