@@ -1,9 +1,17 @@
-"""tools/deployment/pytorch2onnx.py: a ProtoSeg checkpoint exported with both exporters, ONNX
-Runtime against PyTorch on real CamVid images (logits within 1e-4, argmax on >= 99.99% of
-pixels), a dynamic-shape export run at two sizes, and only the inference path in the graph.
-What it refuses: writing over an input (checkpoint, config, image) under any spelling or link,
-over a file that is not an ONNX model without --force, an input size too small for the model
-(naming the smallest), and a dynamic export with the TorchScript exporter."""
+"""tools/deployment/pytorch2onnx.py: the exported graph computes what MMSeg computes.
+
+Every parity test's reference is MMSeg's own inference (``mmseg.apis.init_model`` and
+``inference_model``) on the documented input, the image as ``LoadImageFromFile`` gives it
+(BGR, 0-255), against ONNX Runtime on the exported file: a ProtoSeg checkpoint of a
+``bgr_to_rgb=True`` config on a real CamVid street image at its size (360 x 480), both
+exporters; the authors' HRNet config (``align_corners=True``, shrunk), both exporters; a
+dynamic export at two sizes; the anomaly map of ``anomaly_map=True``; and a fine-tuning config
+(``load_prototypes=False``), which still exports the checkpoint's prototypes. Only the
+inference path is in the graph. Every tensor of the model comes from the checkpoint: another
+class count (parametric or ProtoSeg), missing tensors or NaN are refused with one message.
+What else it refuses: writing over an input (checkpoint, config, image) under any spelling or
+link, over a file that is not an ONNX model without --force, an input size too small for the
+model (naming the smallest), and a dynamic export with the TorchScript exporter."""
 import glob
 import importlib.util
 import os
@@ -14,13 +22,28 @@ import shutil
 import mmcv
 import numpy as np
 import pytest
-from conftest import CAMVID_MINI, PROTO_CFG, REPO, train_camvid_protoseg
+import torch
+from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO, train_camvid_protoseg
 
-from mmseg_proto.utils.onnx_export import ExportError, compare, export, load
+from mmseg_proto.utils.onnx_export import ExportError, export, load
 
 onnx = pytest.importorskip('onnx')  # test extras; CI installs them
 VAL_IMAGES = sorted(glob.glob(osp.join(CAMVID_MINI, 'img_dir', 'val', '*.jpg')))[:2]
 SHAPE = (96, 128)
+AUTHORS_CFG = osp.join(REPO, 'configs', 'protoseg', 'cityscapes',
+                       'protoseg_hrnet-w48-authors_4xb2-80k_cityscapes-512x1024.py')
+# The authors' network (HRNetRefAlign, resize_concat decoder, mlp projection, width norm,
+# align_corners=True everywhere) at widths a CPU test runs in seconds.
+TINY_AUTHORS = """
+model = dict(
+    backbone=dict(extra=dict(
+        stage1=dict(num_blocks=(1, ), num_channels=(16, )),
+        stage2=dict(num_blocks=(1, 1), num_channels=(8, 16)),
+        stage3=dict(num_modules=1, num_blocks=(1, 1, 1), num_channels=(8, 16, 32)),
+        stage4=dict(num_modules=1, num_blocks=(1, 1, 1, 1), num_channels=(8, 16, 32, 64)))),
+    decode_head=dict(num_prototypes=3,
+                     decoder=dict(in_channels=[8, 16, 32, 64], channels=16)))
+"""
 
 
 def tool():
@@ -37,6 +60,64 @@ def checkpoint(tmp_path_factory):
     return train_camvid_protoseg(tmp_path_factory.mktemp('onnx'), iters=3)[0]
 
 
+def derived_config(folder, base, body, name='derived.py'):
+    """A config file in ``folder`` that inherits ``base`` and adds ``body``."""
+    path = osp.join(str(folder), name)
+    with open(path, 'w') as f:
+        f.write(f'_base_ = [{base!r}]\n{body}')
+    return path
+
+
+def random_checkpoint(config, path):
+    """A checkpoint of ``config``'s model at its random initialisation."""
+    from mmseg.apis import init_model
+    torch.manual_seed(0)
+    model = init_model(config, None, device='cpu')
+    torch.save(dict(meta=dict(), state_dict=model.state_dict()), path)
+    return str(path)
+
+
+def loaded_image(path):
+    """(H, W, 3) BGR uint8: the image as MMSeg's ``LoadImageFromFile`` gives it."""
+    from mmcv.transforms import LoadImageFromFile
+    return LoadImageFromFile()(dict(img_path=path))['img']
+
+
+def mmseg_model(config, checkpoint):
+    """MMSeg's own model for inference on the image as ``LoadImageFromFile`` gives it: the
+    test pipeline is loading and packing only (no resize), as the graph's input is."""
+    from mmseg.apis import init_model
+    model = init_model(config, checkpoint, device='cpu')
+    model.cfg.test_pipeline = [dict(type='LoadImageFromFile'), dict(type='PackSegInputs')]
+    return model
+
+
+def mmseg_inference(model, image_path):
+    """``mmseg.apis.inference_model``: (C, H, W) logits and the (1, H, W) anomaly map or
+    None."""
+    from mmseg.apis import inference_model
+    result = inference_model(model, image_path)
+    anomaly = result.anomaly_map.data.numpy() if 'anomaly_map' in result else None
+    return result.seg_logits.data.numpy(), anomaly
+
+
+def onnx_outputs(path, images):
+    """ONNX Runtime on (H, W, 3) images stacked as the documented (B, 3, H, W) float input:
+    ``{output name: array}``."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    batch = np.stack([im.transpose(2, 0, 1) for im in images]).astype(np.float32)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {'image': batch})))
+
+
+def assert_parity(got, expected):
+    """Argmax over classes on >= 99.99% of pixels, logits within 1e-4."""
+    agreement = float((got.argmax(0) == expected.argmax(0)).mean())
+    assert agreement >= 0.9999, f'same argmax on {100 * agreement:.2f}% of pixels'
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
 def dims_of_graph(path):
     """Every tensor dimension ONNX shape inference finds in the graph."""
     model = onnx.shape_inference.infer_shapes(onnx.load(path))
@@ -45,34 +126,147 @@ def dims_of_graph(path):
 
 
 @pytest.mark.parametrize('exporter', ['torchscript', 'dynamo'])
-def test_export_matches_pytorch_on_real_images(checkpoint, exporter, tmp_path):
+def test_export_matches_mmseg_on_a_street_image(checkpoint, exporter, tmp_path):
+    from mmengine.config import Config
+    assert Config.fromfile(PROTO_CFG).model.data_preprocessor.bgr_to_rgb is True
+    image = loaded_image(VAL_IMAGES[0])
+    assert image.shape == (360, 480, 3)  # a CamVid street image at its size
     out = str(tmp_path / 'protoseg.onnx')
-    result = tool().main([PROTO_CFG, checkpoint, '--out', out, '--shape', *map(str, SHAPE),
-                          '--exporter', exporter, '--verify', *VAL_IMAGES])
-    assert result['max_abs_diff'] <= 1e-4
-    assert result['argmax_agreement'] >= 0.9999
-    model = onnx.load(out)
-    (out_shape, ) = [[d.dim_value for d in o.type.tensor_type.shape.dim]
-                     for o in model.graph.output]
-    assert out_shape == [1, 11, *SHAPE]
+    verified = tool().main([PROTO_CFG, checkpoint, '--out', out, '--shape', '360', '480',
+                            '--exporter', exporter, '--verify', VAL_IMAGES[0]])
+    got = onnx_outputs(out, [image])
+    assert list(got) == ['seg_logits']
+    expected, _ = mmseg_inference(mmseg_model(PROTO_CFG, checkpoint), VAL_IMAGES[0])
+    assert got['seg_logits'].shape == (1, 11, 360, 480)
+    assert_parity(got['seg_logits'][0], expected)
+    # --verify measures against MMSeg's path too.
+    assert verified['max_abs_diff'] <= 1e-4 and verified['argmax_agreement'] >= 0.9999
     # Inference path only: no (pixels x C*K) = (.. x 110) similarity tensor anywhere.
     assert 11 * 10 not in dims_of_graph(out)
 
 
+@pytest.fixture(scope='module')
+def tiny_authors(tmp_path_factory):
+    """(config, checkpoint) of the authors' HRNet config shrunk, at random weights."""
+    folder = tmp_path_factory.mktemp('authors')
+    config = derived_config(folder, AUTHORS_CFG, TINY_AUTHORS)
+    return config, random_checkpoint(config, folder / 'tiny_authors.pth')
+
+
+@pytest.mark.parametrize('exporter', ['torchscript', 'dynamo'])
+def test_align_corners_true_matches_mmseg(tiny_authors, exporter, tmp_path):
+    """The authors' config resizes with align_corners=True; so must the graph."""
+    from mmengine.config import Config
+    shipped = Config.fromfile(AUTHORS_CFG).model
+    assert shipped.decode_head.align_corners is True
+    assert shipped.data_preprocessor.bgr_to_rgb is True
+    config, ckpt = tiny_authors
+    image_path = str(tmp_path / 'street.png')  # lossless: read back as written
+    mmcv.imwrite(mmcv.imresize(mmcv.imread(VAL_IMAGES[1]), (128, 96)), image_path)
+    out = str(tmp_path / 'authors.onnx')
+    tool().main([config, ckpt, '--out', out, '--shape', '96', '128', '--exporter', exporter])
+    model = mmseg_model(config, ckpt)
+    assert model.decode_head.align_corners is True
+    expected, _ = mmseg_inference(model, image_path)
+    got = onnx_outputs(out, [loaded_image(image_path)])['seg_logits']
+    assert got.shape == (1, 19, 96, 128)
+    assert_parity(got[0], expected)
+
+
 def test_dynamic_export_runs_at_two_sizes(checkpoint, tmp_path, capsys):
-    import onnxruntime as ort
     t = tool()
     out = str(tmp_path / 'dynamic.onnx')
     t.main([PROTO_CFG, checkpoint, '--out', out, '--shape', *map(str, SHAPE), '--dynamic'])
     assert '--dynamic: using the dynamo exporter' in capsys.readouterr().out
-    module = load(PROTO_CFG, checkpoint)
-    session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
+    model = mmseg_model(PROTO_CFG, checkpoint)
     for size in ((120, 160), (360, 480)):  # neither is the export size
-        images = [mmcv.imresize(mmcv.imread(p), size[::-1]) for p in VAL_IMAGES]
-        result = compare(module, out, images)
-        assert result['max_abs_diff'] <= 1e-4 and result['argmax_agreement'] >= 0.9999
-        batch = np.stack([im.transpose(2, 0, 1) for im in images]).astype(np.float32)
-        assert session.run(None, {'image': batch})[0].shape == (2, 11, *size)
+        paths = []
+        for i, source in enumerate(VAL_IMAGES):
+            paths.append(str(tmp_path / f'{size[0]}_{i}.png'))
+            mmcv.imwrite(mmcv.imresize(mmcv.imread(source), size[::-1]), paths[-1])
+        got = onnx_outputs(out, [loaded_image(p) for p in paths])['seg_logits']
+        assert got.shape == (2, 11, *size)
+        for logits, path in zip(got, paths):
+            assert_parity(logits, mmseg_inference(model, path)[0])
+
+
+def test_anomaly_map_is_exported(checkpoint, tmp_path, capsys):
+    """anomaly_map=True: the graph's second output 'anomaly_map' is MMSeg's anomaly map."""
+    config = derived_config(tmp_path, PROTO_CFG,
+                            "model = dict(type='ProtoEncoderDecoder', anomaly_map=True)\n")
+    out = str(tmp_path / 'anomaly.onnx')
+    tool().main([config, checkpoint, '--out', out, '--shape', *map(str, SHAPE)])
+    assert 'outputs seg_logits, anomaly_map' in capsys.readouterr().out
+    image_path = str(tmp_path / 'street.png')
+    mmcv.imwrite(mmcv.imresize(mmcv.imread(VAL_IMAGES[0]), SHAPE[::-1]), image_path)
+    got = onnx_outputs(out, [loaded_image(image_path)])
+    assert list(got) == ['seg_logits', 'anomaly_map']
+    logits, anomaly = mmseg_inference(mmseg_model(config, checkpoint), image_path)
+    assert got['anomaly_map'].shape == (1, 1, *SHAPE)
+    assert_parity(got['seg_logits'][0], logits)
+    np.testing.assert_allclose(got['anomaly_map'][0], anomaly, rtol=0, atol=1e-5)
+
+
+def test_fine_tuning_config_exports_the_checkpoints_prototypes(checkpoint, tmp_path):
+    """load_prototypes=False (fine-tuning) must not export fresh prototypes."""
+    config = derived_config(tmp_path, PROTO_CFG,
+                            'model = dict(decode_head=dict(load_prototypes=False))\n')
+    out = str(tmp_path / 'finetune.onnx')
+    tool().main([config, checkpoint, '--out', out, '--shape', *map(str, SHAPE)])
+    image_path = str(tmp_path / 'street.png')
+    mmcv.imwrite(mmcv.imresize(mmcv.imread(VAL_IMAGES[0]), SHAPE[::-1]), image_path)
+    got = onnx_outputs(out, [loaded_image(image_path)])['seg_logits']
+    # The reference: the model the checkpoint was trained as.
+    assert_parity(got[0], mmseg_inference(mmseg_model(PROTO_CFG, checkpoint), image_path)[0])
+
+
+@pytest.mark.parametrize('kind', ['parametric', 'protoseg'])
+def test_another_class_count_is_refused(checkpoint, kind, tmp_path, capsys):
+    if kind == 'parametric':
+        base, ckpt = BASELINE_CFG, random_checkpoint(BASELINE_CFG, tmp_path / 'param.pth')
+        tensor = 'decode_head.conv_seg.weight'
+    else:
+        base, ckpt, tensor = PROTO_CFG, checkpoint, 'decode_head.prototypes'
+    config = derived_config(tmp_path, base, 'model = dict(decode_head=dict(num_classes=19))\n')
+    out = tmp_path / 'other.onnx'
+    err = refused(capsys, [config, ckpt, '--out', str(out), '--shape', '32', '32'])
+    assert tensor in err and '(11, ' in err and '(19, ' in err
+    assert 'decode_head: 11 in the checkpoint, 19 in the config' in err
+    assert "set the head's num_classes" in err
+    assert not out.exists()
+
+
+def test_missing_or_non_finite_tensors_are_refused(checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint, map_location='cpu', weights_only=False)['state_dict']
+    out = tmp_path / 'model.onnx'
+    dropped = dict(state)
+    del dropped['decode_head.prototypes'], dropped['backbone.layers.0.0.projection.weight']
+    torch.save(dict(meta=dict(), state_dict=dropped), tmp_path / 'dropped.pth')
+    err = refused(capsys, [PROTO_CFG, str(tmp_path / 'dropped.pth'), '--out', str(out)])
+    assert 'lacks 2 tensor(s) of the model' in err
+    assert 'decode_head.prototypes' in err and 'backbone.layers.0.0.projection.weight' in err
+    nan = dict(state)
+    nan['decode_head.mask_norm.weight'] = torch.full_like(state['decode_head.mask_norm.weight'],
+                                                          float('nan'))
+    torch.save(dict(meta=dict(), state_dict=nan), tmp_path / 'nan.pth')
+    err = refused(capsys, [PROTO_CFG, str(tmp_path / 'nan.pth'), '--out', str(out)])
+    assert 'NaN or inf in decode_head.mask_norm.weight' in err
+    assert not out.exists()
+
+
+def test_what_the_graph_does_not_reproduce_is_said(checkpoint, tmp_path, capsys):
+    """Slide inference (whole image in the graph) and tensors left out are named."""
+    config = derived_config(tmp_path, PROTO_CFG, "model = dict(test_cfg=dict(mode='slide', "
+                            'crop_size=(64, 64), stride=(48, 48)))\n')
+    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    state['state_dict']['auxiliary_head.conv_seg.weight'] = torch.zeros(11, 8, 1, 1)
+    torch.save(state, tmp_path / 'with_aux.pth')
+    tool().main([config, str(tmp_path / 'with_aux.pth'), '--out', str(tmp_path / 'm.onnx'),
+                 '--shape', '64', '64'])
+    out = capsys.readouterr().out
+    assert "mode='slide'" in out and 'runs the whole image at once' in out
+    assert '1 tensor(s) of the checkpoint are not part of' in out
+    assert 'auxiliary_head.conv_seg.weight' in out
 
 
 def output_shape(path):

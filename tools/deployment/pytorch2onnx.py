@@ -1,11 +1,14 @@
 """Export an MMSeg segmentor (ProtoSeg or parametric) to ONNX, and check it with ONNX Runtime.
 
-The graph takes a float image batch (B, 3, H, W) as MMSeg's LoadImageFromFile gives it (BGR,
-0-255; ``cv2.imread(path)[None].transpose(0, 3, 1, 2)``): the config's data preprocessor
-(channel flip, mean, std) is inside the graph. It returns the segmentation logits
-(B, C, H, W) at the input size (``argmax(1)`` is the prediction). Only the inference path is
-exported: for a ProtoHead the running max over K slabs of C prototypes, never the
-(pixels x C*K) similarity matrix of training.
+The graph takes a float32 image batch (B, 3, H, W) as MMSeg's LoadImageFromFile gives it (BGR,
+0-255; ``cv2.imread(path)[None].transpose(0, 3, 1, 2).astype('float32')``) and computes what
+MMSeg's test path computes on it: the config's SegDataPreProcessor (the channel flip of
+``bgr_to_rgb=True`` / ``rgb_to_bgr=True``, mean, std), the model on the whole image, and the
+bilinear resize of the logits to the input size with the decode head's ``align_corners``. It
+returns the segmentation logits ``seg_logits`` (B, C, H, W) (``argmax(1)`` is the prediction)
+and, for a ``ProtoEncoderDecoder`` with ``anomaly_map=True``, the anomaly map ``anomaly_map``
+(B, 1, H, W). Only the inference path is exported: for a ProtoHead the running max over K
+slabs of C prototypes, never the (pixels x C*K) similarity matrix of training.
 
     python tools/deployment/pytorch2onnx.py CONFIG CHECKPOINT --out model.onnx \
         [--shape H W] [--dynamic] [--exporter torchscript|dynamo] [--verify IMAGE ...] \
@@ -15,7 +18,12 @@ The config may inherit ours through ``mmseg_proto::``. ``--dynamic`` makes batch
 width dynamic, with the dynamo exporter (the default then; the TorchScript exporter's dynamic
 graph fails in ONNX Runtime at other sizes, so that combination is refused). ``--verify`` runs
 ONNX Runtime on the images (resized to --shape unless --dynamic) and prints the largest logit
-difference from PyTorch and the share of pixels with the same argmax.
+difference from MMSeg's own inference (its data preprocessor, then ``test_step``) and the share
+of pixels with the same argmax.
+
+Every parameter and buffer of the model comes from the checkpoint: a checkpoint that lacks
+one, has one in another shape (another class count) or holds NaN is refused by name. A
+ProtoHead's prototypes are the checkpoint's whatever ``load_prototypes`` says.
 
 ``--out`` is never the config, the checkpoint or an image of the run (under any spelling or
 link); an existing file there is replaced only if it is an ONNX model, or with ``--force``.
@@ -26,7 +34,7 @@ import argparse
 from typing import Optional, Sequence
 
 from mmseg_proto.utils.onnx_export import (ExportError, check_output_path, compare, export,
-                                           load)
+                                           listed_names, load)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -71,22 +79,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except ExportError as err:
         p.error(str(err))
     import mmcv
-    module = load(args.config, args.checkpoint)
-    try:
+    try:  # a checkpoint that does not fit the config, a model the graph cannot reproduce
+        module = load(args.config, args.checkpoint)
         export(module, args.out, args.shape, args.dynamic, args.exporter, args.opset)
-    except ExportError as err:  # --shape too small for the model
+    except ExportError as err:  # ... or a --shape too small for the model
         p.error(str(err))
+    for note in module.notes():
+        print(f'pytorch2onnx: note: {note}')
+    if module.unused_keys:
+        print(f'pytorch2onnx: {len(module.unused_keys)} tensor(s) of the checkpoint are not '
+              f'part of this config\'s model and not exported: {listed_names(module.unused_keys)}')
     print(f'wrote {args.out} ({args.exporter} exporter, '
-          f"{'dynamic' if args.dynamic else 'static'} shape {tuple(args.shape)})")
+          f"{'dynamic' if args.dynamic else 'static'} shape {tuple(args.shape)}; outputs "
+          f"{', '.join(module.output_names)})")
     if not args.verify:
         return {}
     images = [mmcv.imread(path) for path in args.verify]
     if not args.dynamic:
         images = [mmcv.imresize(img, tuple(args.shape[::-1])) for img in images]
     result = compare(module, args.out, images)
-    print(f"ONNX Runtime vs PyTorch on {len(images)} image(s): max |logit difference| "
-          f"{result['max_abs_diff']:.2e}, same argmax on {100 * result['argmax_agreement']:.4f}%"
-          ' of pixels')
+    anomaly = (f", anomaly map max |difference| {result['anomaly_max_abs_diff']:.2e}"
+               if 'anomaly_max_abs_diff' in result else '')
+    print(f"ONNX Runtime vs MMSeg's own inference on {len(images)} image(s): max |logit "
+          f"difference| {result['max_abs_diff']:.2e}, same argmax on "
+          f"{100 * result['argmax_agreement']:.4f}% of pixels{anomaly}")
     return result
 
 
