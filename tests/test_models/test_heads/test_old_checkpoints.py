@@ -5,6 +5,11 @@ says how): ``protohead_db4df33.pth`` by the ProtoHead that held its prototypes i
 the PrototypeBank), ``protoseg_tiny_a942733_iter_3.pth`` by the runner of the version whose
 PrototypeUpdateHook kept the re-seeding window and pending statistics itself, saved in the
 middle of an accumulated optimizer step and of a re-seeding window.
+
+The assets were written on a 2-core AMD EPYC. What a checkpoint holds must load bit for bit
+anywhere; outputs and a resumed run's final weights are bit-identical on that CPU, while
+another CPU (an Intel Xeon of the same machine kind) rounds its matmuls differently: they are
+compared within ``CLOSE`` (float32 rounding, far below any change of behaviour).
 """
 import importlib.util
 import os.path as osp
@@ -17,6 +22,9 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import load_checkpoint
 
 DATA = osp.join(REPO, 'tests', 'data')
+# Float32 rounding across CPUs (observed on an Intel Xeon against the EPYC-written assets:
+# logits within 1e-6, a resumed run's weights within 1e-5 after 5 iterations).
+CLOSE = dict(rtol=1e-4, atol=1e-5)
 HEAD_ASSET = osp.join(DATA, 'protohead_db4df33.pth')
 SEGMENTOR_ASSET = osp.join(DATA, 'protoseg_tiny_a942733_iter_3.pth')
 
@@ -52,8 +60,9 @@ def test_head_state_dict_of_the_old_head_loads_with_its_prototypes_and_outputs(s
         assert torch.equal(value, old['state_dict'][key]), key
     head.eval()
     with torch.no_grad():
-        assert torch.equal(head([old['inputs']]), old['logits'])
-    assert torch.equal(head([old['inputs']]).detach(), old['logits_autograd'])
+        torch.testing.assert_close(head([old['inputs']]), old['logits'], **CLOSE)
+    torch.testing.assert_close(head([old['inputs']]).detach(), old['logits_autograd'],
+                               **CLOSE)
 
 
 def test_old_segmentor_checkpoint_loads_strictly_with_its_outputs(tmp_path):
@@ -65,7 +74,8 @@ def test_old_segmentor_checkpoint_loads_strictly_with_its_outputs(tmp_path):
                        checkpoint['state_dict']['decode_head.prototypes'])
     model.eval()
     with torch.no_grad():
-        assert torch.equal(model(expected['inputs'], mode='tensor'), expected['logits'])
+        torch.testing.assert_close(model(expected['inputs'], mode='tensor'),
+                                   expected['logits'], **CLOSE)
 
 
 def test_old_checkpoint_resumes_mid_step_and_mid_window_bit_for_bit(tmp_path, one_thread):
@@ -83,4 +93,4 @@ def test_old_checkpoint_resumes_mid_step_and_mid_window_bit_for_bit(tmp_path, on
     final = runner.model.state_dict()
     assert final.keys() == expected['final_state_dict'].keys()
     for key, value in expected['final_state_dict'].items():
-        assert torch.equal(final[key], value), key
+        torch.testing.assert_close(final[key], value, **CLOSE, msg=key)
