@@ -35,13 +35,29 @@ them. An object whose state a file never sets, or uses before setting it, is ref
 
 Every refusal is a :class:`CheckpointRefusedError` (an ``UnpicklingError``) whose message
 starts with ``mmseg_proto refused to load this checkpoint``, names the file and what was
-refused, and never advises retrying with ``weights_only=False``. A file that is not a
-checkpoint at all (empty, text, HTML, truncated, a TorchScript archive, the legacy tar format)
-is an :class:`UnreadableCheckpointError` that says so.
+refused, and never advises retrying with ``weights_only=False``. What an honest file may hold
+(another class, a pickle protocol other than torch.save's default 2) is named as such, with
+what to do; only what no ``torch.save`` writes is called damaged or crafted. A file that is
+not a checkpoint at all (empty, text, HTML, truncated, a TorchScript archive, the legacy tar
+format) is an :class:`UnreadableCheckpointError` that says so.
+
+Where the loop cannot run (torch < 2.4, a torch whose private unpickler is not the one this
+module was written for, found by a self-check at import that warns once, or
+``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``), files load with torch's own weights-only loader (tensors
+and plain values only), and a refusal says why that loader ran and what to do.
+
+One explicit opt-in, scoped to named files, loads a file the user trusts with torch's full
+unpickler: its SHA-256 listed in ``MMSEG_PROTO_TRUSTED_CHECKPOINTS`` (docs/install.md, "Trusted
+checkpoints"). Files are named by content, never by path, and nothing else changes.
+
+``http(s)`` checkpoints are read, in this order, from this module's cache (one entry per URL),
+from torch.hub's cache (``<torch.hub.get_dir()>/checkpoints/<file name>``, where torch.hub and
+mmengine put them), and only then downloaded, so an offline node uses what is there.
 """
 import functools
 import hashlib
 import http.client
+import io
 import os
 import os.path as osp
 import pickle
@@ -53,7 +69,9 @@ import threading
 import types
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+import warnings
+import zipfile
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Set, Tuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -64,7 +82,8 @@ __all__ = [
     'CheckpointRefusedError', 'UnreadableCheckpointError', 'checkpoint_safe_globals',
     'fill_only_types', 'check_checkpoint_format', 'load_checkpoint_file',
     'load_with_checkpoint_globals', 'load_local_checkpoint', 'load_http_checkpoint',
-    'http_cache_path', 'register_checkpoint_loader'
+    'http_cache_path', 'torch_hub_cache_path', 'register_checkpoint_loader',
+    'checkpoint_loader_problem', 'trusted_checkpoint_digests', 'TRUSTED_VARIABLE'
 ]
 
 NUMERIC_KINDS = 'biufc'  # bool, signed, unsigned, float, complex
@@ -85,10 +104,30 @@ OBJECT_FLAGS = 0x01 | 0x02 | 0x04 | 0x10 | 0x20 | 0x40
 ZIP_MAGIC = b'PK\x03\x04'
 PICKLE_PROTO = 0x80
 DOWNLOAD_TIMEOUT_S = 60
+#: torch.hub's convention for a SHA-256 prefix in a file name (``NAME-<hex>.pth``).
+HUB_HASH_IN_NAME = re.compile(r'-([a-f0-9]*)\.')
+#: The explicit opt-in: SHA-256 digests of files to load with torch's full unpickler.
+TRUSTED_VARIABLE = 'MMSEG_PROTO_TRUSTED_CHECKPOINTS'
+TRUSTED_DOC = 'docs/install.md, "Trusted checkpoints"'
+#: The torch this release is tested with (requirements/constraints.txt).
+TORCH_PIN = ('torch 2.13.0, the version requirements/constraints.txt pins (`pip install -c '
+             'requirements/constraints.txt torch`)')
 
 
 class CheckpointRefusedError(pickle.UnpicklingError):
-    """A checkpoint holding something the loader does not admit (the message says what)."""
+    """A checkpoint holding something the loader does not admit (the message says what).
+
+    Attributes:
+        honest (bool): Whether an honest file may hold what was refused (another class, a
+            pickle protocol other than 2); False for what no ``torch.save`` writes.
+        opcode (int, optional): The pickle opcode torch's unpickler does not read, if that
+            was the refusal.
+    """
+
+    def __init__(self, message: str, honest: bool = False,
+                 opcode: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.honest, self.opcode = honest, opcode
 
 
 class UnreadableCheckpointError(RuntimeError):
@@ -115,27 +154,62 @@ def _refuse_unsupported(what: str, advice: str) -> NoReturn:
     raise CheckpointRefusedError(_unsupported(what, advice))
 
 
-def _refusal_of_torch_message(message: str) -> CheckpointRefusedError:
-    """Our refusal for an ``UnpicklingError`` of torch's weights-only unpickling loop."""
+def _our_names() -> Set[str]:
+    """The pickled names only this module's loader admits, also as torch's messages write
+    them (``builtins.getattr`` as ``getattr``)."""
+    names = {name for _, name in _named_stand_ins()}
+    return names | {name.split('.', 1)[1] for name in names if name.startswith('builtins.')}
+
+
+def _refusal_of_torch_message(
+        message: str, fallback: Optional[Tuple[str, str]] = None) -> CheckpointRefusedError:
+    """Our refusal for an ``UnpicklingError`` of torch's weights-only unpickling loop.
+
+    Args:
+        message (str): torch's message.
+        fallback (tuple[str, str], optional): Why torch's own weights-only loader ran
+            instead of this module's, and what to do (:func:`_torch_defaults_reason`); None
+            when this module's loop ran.
+    """
     first = message.strip().split('\n')[0].strip()
     named = re.search(r'GLOBAL (\S+?)(?: whose | was |\.?$)', first)
     operand = re.match(r'Unsupported operand (\d+)', first)
     if named and 'is blocked' in first:
-        text = _crafted(f'it names {named.group(1)}, from a module that is never admitted')
-    elif named and 'not an allowed global' in first:
+        return CheckpointRefusedError(
+            _crafted(f'it names {named.group(1)}, from a module that is never admitted'))
+    if named and 'not an allowed global' in first:
         name = named.group(1)
-        text = _unsupported(
+        if fallback is not None:
+            return CheckpointRefusedError(_fallback_refusal(name, fallback), honest=True)
+        return CheckpointRefusedError(_unsupported(
             f'it names {name}',
             f'If the file is yours and {name} is a plain data class of yours, admit it with '
             f'torch.serialization.add_safe_globals([{name}]) before loading; otherwise save '
-            'plain values instead.')
-    elif operand:
+            'plain values instead.'), honest=True)
+    if operand:
         code = int(operand.group(1))
-        text = _crafted(f'pickle opcode {code} ({chr(code)!r}), which torch.save (pickle '
-                        'protocol 2) never writes')
-    else:
-        text = _crafted(first.rstrip('.'))
-    return CheckpointRefusedError(text)
+        return CheckpointRefusedError(
+            _crafted(f'pickle opcode {code} ({chr(code)!r}), which torch.save (pickle '
+                     'protocol 2) never writes'), opcode=code)
+    return CheckpointRefusedError(_crafted(first.rstrip('.')))
+
+
+def _fallback_refusal(name: str, reason: Tuple[str, str]) -> str:
+    """The refusal of ``name`` by torch's own weights-only loader, which ran because of
+    ``reason`` = (why, what to do)."""
+    why, advice = reason
+    if name in _our_names():
+        held = ('mmengine\'s training log, held by every checkpoint mmengine saves'
+                if name.endswith('HistoryBuffer') else 'data mmengine checkpoints hold')
+        return (f'{REFUSED}: it names {name}: {held}. mmseg_proto\'s loader admits it (it '
+                f'admits {ADMITTED}), but did not run because {why}; torch\'s own '
+                'weights-only loader ran instead, and it admits tensors and plain Python '
+                f'values only. Nothing is wrong with the file. {advice}')
+    return (f'{REFUSED}: it names {name}, which neither mmseg_proto\'s loader nor torch\'s '
+            f'own weights-only loader admits (the latter ran because {why}). If the file is '
+            f'yours and {name} is a plain data class of yours, admit it with '
+            f'torch.serialization.add_safe_globals([{name}]) before loading; otherwise save '
+            'plain values instead.')
 
 
 def _computed_once(func: Callable[[], Any]) -> Callable[[], Any]:
@@ -152,6 +226,7 @@ def _computed_once(func: Callable[[], Any]) -> Callable[[], Any]:
                     result.append(func())
         return result[0]
 
+    once.reset = result.clear  # type: ignore[attr-defined]  # computed again (tests)
     return once
 
 
@@ -410,6 +485,101 @@ def _unpickling_loop() -> Optional[Callable]:
                               load.__closure__)
 
 
+class _NeverAdmitted:
+    """A class no allow-list names: the self-check's loop must refuse it."""
+
+
+def _self_check() -> None:
+    """Load, in memory, what mmengine writes (a HistoryBuffer, numpy arrays and scalars,
+    tensors) through this module's loader, and a class nobody admits; raise if the loop
+    does not give them back, or does not refuse the class."""
+    history = _history_buffer_class()([1.0, 3.0], [1, 1], max_length=4)
+    saved = dict(h=history, a=np.arange(3, dtype=np.float32), s=np.int64(3),
+                 t=torch.ones(2))
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    out = torch.load(buffer, map_location='cpu', pickle_module=PICKLE_MODULE,
+                     weights_only=False, mmap=False)
+    if type(out['h']) is not type(history) or out['h'].mean() != 2.0 or \
+            out['a'].tolist() != [0.0, 1.0, 2.0] or out['s'] != 3 or \
+            not torch.equal(out['t'], saved['t']):
+        raise RuntimeError('the loaded values differ from the saved ones')
+    buffer = io.BytesIO()
+    torch.save(dict(c=_NeverAdmitted), buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, pickle_module=PICKLE_MODULE, weights_only=False, mmap=False)
+    except CheckpointRefusedError:
+        return
+    raise RuntimeError('a class no allow-list names was loaded')
+
+
+def _missing_loop_reason() -> str:
+    """Why :func:`_unpickling_loop` found no loop to clone."""
+    if not callable(getattr(_wou, '_get_user_allowed_globals', None)):
+        return (f'torch {torch.__version__} has no per-load allow-list in its weights-only '
+                'unpickler (torch < 2.4)')
+    return (f'torch {torch.__version__}\'s private weights-only unpickler '
+            '(torch._weights_only_unpickler.Unpickler.load) is not the one mmseg_proto was '
+            'written for')
+
+
+def _loader_unusable() -> bool:
+    return _unpickling_loop() is None or checkpoint_loader_problem() is not None
+
+
+@_computed_once
+def checkpoint_loader_problem() -> Optional[str]:
+    """Why this module's loader cannot run with this torch (None when it can): checked once
+    per process, cheaply (the loop's code, then a self-check in memory of a few ms).
+
+    Returns:
+        str | None: A sentence naming the torch version and what is wrong.
+    """
+    if _unpickling_loop() is None:
+        return _missing_loop_reason()
+    try:
+        _self_check()
+    except Exception as error:  # whatever the changed loop does, it is reported, once
+        detail = str(error).strip().split('\n')[0][:200]
+        return (f'torch {torch.__version__}\'s private weights-only unpickler '
+                '(torch._weights_only_unpickler.Unpickler.load) is not the one mmseg_proto '
+                'was written for: its self-check (a small mmengine-style checkpoint, in '
+                f'memory) failed with {type(error).__name__}: {detail}')
+    return None
+
+
+def _torch_defaults_reason() -> Tuple[str, str]:
+    """(why torch's own weights-only loader runs instead of this module's, what to do)."""
+    if _weights_only_unpickling_forced():
+        return ('TORCH_FORCE_WEIGHTS_ONLY_LOAD is set in the environment (it asks torch, and '
+                'mmseg_proto with it, for weights-only loading)',
+                'Unset TORCH_FORCE_WEIGHTS_ONLY_LOAD for this run: mmseg_proto\'s loader then '
+                'loads the file, each admitted value checked.')
+    problem = _missing_loop_reason() if _unpickling_loop() is None else \
+        checkpoint_loader_problem()
+    return (problem or 'mmseg_proto\'s loader is unavailable',
+            f'Use the torch this mmseg_proto is tested with, {TORCH_PIN}, and the file loads '
+            'as it is.')
+
+
+@_computed_once
+def warn_if_loader_unusable() -> Optional[str]:
+    """Warn, once per process, when this module's loader cannot run with this torch
+    (:func:`checkpoint_loader_problem`); :func:`register_checkpoint_loader` calls it at
+    import. Returns the problem, or None."""
+    problem = checkpoint_loader_problem()
+    if problem is not None:
+        warnings.warn(
+            f'mmseg_proto: {problem}. Checkpoints will load with torch\'s own weights-only '
+            'loader (tensors and plain Python values only), which refuses mmengine\'s '
+            'training logs and numpy values: --resume and load_from of whole mmengine '
+            f'checkpoints will fail. Use the torch this mmseg_proto is tested with, '
+            f'{TORCH_PIN}.', UserWarning, stacklevel=3)
+    return problem
+
+
 _LOADING = threading.local()
 
 
@@ -577,9 +747,118 @@ def _weights_only_unpickling_forced() -> bool:
     return os.getenv('TORCH_FORCE_WEIGHTS_ONLY_LOAD', '0').lower() in ('1', 'y', 'yes', 'true')
 
 
+def trusted_checkpoint_digests() -> Set[str]:
+    """The SHA-256 digests listed in ``MMSEG_PROTO_TRUSTED_CHECKPOINTS`` (read at each load).
+
+    The variable lists the digests (64 hex digits, as ``sha256sum FILE`` prints them),
+    separated by commas or white space, of files the user trusts: those, and only those,
+    load with torch's full unpickler. Files are named by content, never by path, so a file
+    replaced at the same path is not trusted.
+
+    Returns:
+        set[str]: Lower-case digests; empty when the variable is unset or empty.
+
+    Raises:
+        ValueError: An entry is not a SHA-256 digest (the message names it).
+    """
+    entries = [entry for entry in re.split(r'[\s,]+', os.getenv(TRUSTED_VARIABLE, '')) if entry]
+    for entry in entries:
+        if not re.fullmatch(r'[0-9a-fA-F]{64}', entry):
+            raise ValueError(
+                f'mmseg_proto: {TRUSTED_VARIABLE} lists {entry[:80]!r}, which is not a SHA-256 '
+                'digest: it takes the digests (64 hex digits, as `sha256sum FILE` prints '
+                'them) of the checkpoint files you trust, separated by commas or spaces, '
+                f'never paths ({TRUSTED_DOC})')
+    return {entry.lower() for entry in entries}
+
+
+def _sha256(file) -> str:
+    """SHA-256 of an open binary file, read from its start; the file is left at its start."""
+    file.seek(0)
+    digest = hashlib.sha256()
+    for block in iter(lambda: file.read(1 << 20), b''):
+        digest.update(block)
+    file.seek(0)
+    return digest.hexdigest()
+
+
+def _file_sha256(filename: str) -> str:
+    with open(filename, 'rb') as file:
+        return _sha256(file)
+
+
+def _trust_advice(filename: str) -> str:
+    """How to load ``filename`` anyway, if the user trusts it."""
+    if _weights_only_unpickling_forced():
+        return ''
+    return (f' If you trust this file (an official release from its publisher, or a file you '
+            'saved yourself), you can let mmseg_proto load this file, and only this file, '
+            f'with torch\'s full unpickler: set {TRUSTED_VARIABLE}={_file_sha256(filename)} '
+            f'(its SHA-256; {TRUSTED_DOC}).')
+
+
+def _load_trusted(file, filename: str, map_location: Any) -> Any:
+    """Load a file whose SHA-256 the user listed in ``MMSEG_PROTO_TRUSTED_CHECKPOINTS``
+    with torch's full unpickler (from the very bytes that were hashed)."""
+    if _weights_only_unpickling_forced():
+        raise CheckpointRefusedError(
+            f'{REFUSED} ({filename}): its SHA-256 is listed in {TRUSTED_VARIABLE}, but '
+            'TORCH_FORCE_WEIGHTS_ONLY_LOAD is set too, which makes torch load tensors and '
+            'plain Python values only: unset one of the two', honest=True)
+    from mmengine.logging import print_log
+    print_log(f'mmseg_proto: loading {filename} with torch\'s full unpickler: its SHA-256 is '
+              f'listed in {TRUSTED_VARIABLE}', logger='current')
+    return torch.load(file, map_location=map_location, weights_only=False)
+
+
+def _saved_protocol(filename: str) -> Optional[int]:
+    """The pickle protocol a checkpoint was written with (None if it names none)."""
+    try:
+        with open(filename, 'rb') as file:
+            head = file.read(4)
+            file.seek(0)
+            if head.startswith(ZIP_MAGIC):
+                with zipfile.ZipFile(file) as archive:
+                    names = [name for name in archive.namelist()
+                             if name == 'data.pkl' or name.endswith('/data.pkl')]
+                    if not names:
+                        return None
+                    with archive.open(names[0]) as data:
+                        head = data.read(2)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return head[1] if len(head) >= 2 and head[0] == PICKLE_PROTO else None
+
+
+def _protocol_refusal(filename: str, protocol: int, opcode: int) -> CheckpointRefusedError:
+    return CheckpointRefusedError(
+        f'{REFUSED} ({filename}): it was saved with pickle protocol {protocol} '
+        f'(torch.save(..., pickle_protocol={protocol})), and torch\'s weights-only unpickler, '
+        f'which this loader runs, does not read that protocol\'s opcode {opcode} '
+        f'({chr(opcode)!r}); it reads torch.save\'s default, protocol 2. Nothing shows the '
+        'file is damaged: save it again without pickle_protocol (the default).'
+        f'{_trust_advice(filename)}', honest=True, opcode=opcode)
+
+
+def _with_filename(error: CheckpointRefusedError, filename: str) -> CheckpointRefusedError:
+    """``error`` naming ``filename``, with the protocol of the file where an opcode was
+    refused and, for what an honest file may hold, how to load a file one trusts."""
+    if error.opcode is not None:
+        protocol = _saved_protocol(filename)
+        if protocol is not None and protocol > 2:
+            return _protocol_refusal(filename, protocol, error.opcode)
+    text = str(error).replace(REFUSED, f'{REFUSED} ({filename})', 1)
+    if error.honest and TRUSTED_VARIABLE not in text:
+        text += _trust_advice(filename)
+    return CheckpointRefusedError(text, honest=error.honest, opcode=error.opcode)
+
+
 def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
     """Load a local checkpoint file with the allow-list described in the module docstring,
     for this load only (safe to call from several threads at once).
+
+    A file whose SHA-256 is listed in ``MMSEG_PROTO_TRUSTED_CHECKPOINTS``
+    (:func:`trusted_checkpoint_digests`) loads with torch's full unpickler instead.
 
     Args:
         filename (str): The file.
@@ -592,21 +871,25 @@ def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
         FileNotFoundError: No such file.
         UnreadableCheckpointError: Not a checkpoint ``torch.save`` wrote, or cut short.
         CheckpointRefusedError: It holds something that is not admitted.
+        ValueError: ``MMSEG_PROTO_TRUSTED_CHECKPOINTS`` lists something else than digests.
     """
     filename = osp.expanduser(str(filename))
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
     if filename.endswith('.safetensors'):  # torch reads these without unpickling
         return torch.load(filename, map_location=map_location, weights_only=True)
+    trusted = trusted_checkpoint_digests()
     ends_early = ('is not a readable checkpoint: its data ends early (a truncated file?)')
     try:
         with open(filename, 'rb') as file:
             is_zip = check_checkpoint_format(file, filename)
+            if trusted and _sha256(file) in trusted:
+                return _load_trusted(file, filename, map_location)
             # A zip archive cut short fails the check above; a legacy file can only show it
             # while it is read, so the reads note where the file ends.
             source = file if is_zip else _EndNoting(file)
             try:
-                if _unpickling_loop() is None or _weights_only_unpickling_forced():
+                if _weights_only_unpickling_forced() or _loader_unusable():
                     return _load_with_torch_defaults(source, map_location)
                 return torch.load(source, map_location=map_location,
                                   pickle_module=PICKLE_MODULE, weights_only=False, mmap=False)
@@ -615,8 +898,7 @@ def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
                     raise UnreadableCheckpointError(f'{filename} {ends_early}') from None
                 raise
     except CheckpointRefusedError as error:
-        raise CheckpointRefusedError(
-            str(error).replace(REFUSED, f'{REFUSED} ({filename})', 1)) from None
+        raise _with_filename(error, filename) from None
     except EOFError:
         raise UnreadableCheckpointError(f'{filename} {ends_early}') from None
     except RuntimeError as error:  # a record of the zip archive that cannot be read
@@ -663,8 +945,9 @@ class _EndNoting:
 
 
 def _load_with_torch_defaults(file, map_location: Any) -> Any:
-    """torch < 2.4 (no allow-list to pass) or TORCH_FORCE_WEIGHTS_ONLY_LOAD: torch's own
-    weights-only load (tensors only), with our refusal message."""
+    """torch < 2.4 (no allow-list to pass), a torch whose private unpickler is not the one
+    this module was written for, or TORCH_FORCE_WEIGHTS_ONLY_LOAD: torch's own weights-only
+    load (tensors only), with a refusal that says why this loader ran and what to do."""
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -676,7 +959,8 @@ def _load_with_torch_defaults(file, map_location: Any) -> Any:
         elif '\n\n' in message:
             message = message.split('\n\n', 1)[1]
         raise _refusal_of_torch_message(
-            message.strip().replace('Weights only load failed. ', '')) from None
+            message.strip().replace('Weights only load failed. ', ''),
+            fallback=_torch_defaults_reason()) from None
 
 
 def load_with_checkpoint_globals(load: Callable, *args, **kwargs) -> Any:
@@ -723,18 +1007,8 @@ def _default_model_dir() -> str:
     return osp.join(osp.expanduser(torch_home), 'checkpoints')
 
 
-def http_cache_path(url: str, model_dir: Optional[str] = None) -> str:
-    """Where :func:`load_http_checkpoint` caches ``url``: ``MODEL_DIR/mmseg_proto/<first 16
-    hex digits of the URL's SHA-256>/<file name>``, so two URLs with the same file name never
-    share an entry. ``MODEL_DIR`` defaults to ``$TORCH_HOME/checkpoints``.
-
-    Args:
-        url (str): The checkpoint URL.
-        model_dir (str, optional): The cache folder. Default: None (torch's).
-
-    Returns:
-        str: The cache path.
-    """
+def _url_file_name(url: str) -> str:
+    """The file name at the end of ``url``'s path (what torch.hub names its copy)."""
     path = urlparse(url).path
     name = osp.basename(path)
     if name in ('', '.', '..'):
@@ -743,8 +1017,59 @@ def http_cache_path(url: str, model_dir: Optional[str] = None) -> str:
         raise ValueError(
             f'mmseg_proto: the checkpoint URL {url} names no file ({where}): give the URL of '
             'the checkpoint file itself, e.g. https://host/path/model.pth')
+    return name
+
+
+def http_cache_path(url: str, model_dir: Optional[str] = None) -> str:
+    """Where :func:`load_http_checkpoint` caches ``url``: ``MODEL_DIR/mmseg_proto/<first 16
+    hex digits of the URL's SHA-256>/<file name>``, so two URLs with the same file name
+    (other hosts, folders or query strings) never share an entry. ``MODEL_DIR`` defaults to
+    ``$TORCH_HOME/checkpoints``.
+
+    Args:
+        url (str): The checkpoint URL.
+        model_dir (str, optional): The cache folder. Default: None (torch's).
+
+    Returns:
+        str: The cache path.
+    """
+    name = _url_file_name(url)
     key = hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]
     return osp.join(model_dir or _default_model_dir(), 'mmseg_proto', key, name)
+
+
+def torch_hub_cache_path(url: str, model_dir: Optional[str] = None) -> str:
+    """Where torch.hub (``load_state_dict_from_url``) and mmengine's own http loader keep
+    ``url``: ``<model_dir or torch.hub.get_dir()/checkpoints>/<file name of the URL>``
+    (``$TORCH_HOME/hub/checkpoints/NAME`` by default). :func:`load_http_checkpoint` reads a
+    file there before downloading, and never writes there.
+
+    Args:
+        url (str): The checkpoint URL.
+        model_dir (str, optional): The folder given to the loader. Default: None
+            (torch.hub's).
+
+    Returns:
+        str: The path torch.hub would use.
+    """
+    return osp.join(model_dir or osp.join(torch.hub.get_dir(), 'checkpoints'),
+                    _url_file_name(url))
+
+
+def _check_hub_copy(url: str, path: str) -> None:
+    """A torch.hub copy whose file name carries a SHA-256 prefix (torch.hub's
+    ``NAME-<hex>.pth`` convention, 8 digits or more) must match it: torch.hub keys its cache
+    by file name alone, so another file of the same name may be there."""
+    match = HUB_HASH_IN_NAME.search(osp.basename(path))
+    prefix = match.group(1) if match else ''
+    if len(prefix) < 8:
+        return
+    digest = _file_sha256(path)
+    if not digest.startswith(prefix):
+        raise UnreadableCheckpointError(
+            f'mmseg_proto: {path}, torch.hub\'s cached copy of {url}, has the SHA-256 '
+            f'{digest[:16]}..., not the {prefix} its file name promises: it is another file of '
+            'the same name, or damaged. Delete it (or move it away) to download the URL again')
 
 
 def _download(url: str, cached: str) -> None:
@@ -798,9 +1123,12 @@ def load_http_checkpoint(filename: str, map_location=None,
     ``init_cfg=dict(type='Pretrained', checkpoint=URL)``), loading as
     :func:`load_checkpoint_file` does.
 
-    Downloads as mmengine's ``load_from_http`` does (process 0 first, the others after a
-    barrier, into the same cache), but into :func:`http_cache_path` (one entry per URL), and
-    keeps a download only if it is complete and a checkpoint. Every error about the cached
+    Uses, in this order, this loader's copy (:func:`http_cache_path`, one entry per URL),
+    then torch.hub's (:func:`torch_hub_cache_path`, where torch.hub and mmengine keep it: an
+    offline node loads what is there), and only then downloads, as mmengine's
+    ``load_from_http`` does (process 0 first, the others after a barrier, into the same
+    cache), into :func:`http_cache_path`, keeping a download only if it is complete and a
+    checkpoint. Every error about the cached
     file names its path. It replaces mmengine's loader rather than wrapping it:
     onedl-mmengine's falls back to ``weights_only=False`` when weights-only loading fails,
     and OpenMMLab's refuses the numpy and HistoryBuffer data of whole mmengine checkpoints on
@@ -809,11 +1137,18 @@ def load_http_checkpoint(filename: str, map_location=None,
     Args:
         filename (str): The URL.
         map_location: As in ``torch.load``. Default: None.
-        model_dir (str, optional): The cache folder. Default: None
-            (``$TORCH_HOME/checkpoints``).
+        model_dir (str, optional): The cache folder, also where torch.hub's copy is looked
+            for (as torch.hub's ``model_dir``). Default: None (``$TORCH_HOME/checkpoints``
+            for this loader's copies, ``torch.hub.get_dir()/checkpoints`` for torch.hub's).
     """
     from mmengine.dist import get_dist_info
     cached = http_cache_path(filename, model_dir)
+    if not osp.isfile(cached):
+        hub_copy = torch_hub_cache_path(filename, model_dir)
+        if osp.isfile(hub_copy):  # already there, as torch.hub or mmengine left it
+            _check_hub_copy(filename, hub_copy)
+            return _load_copy(filename, hub_copy, f'in torch.hub\'s cache at {hub_copy}',
+                              map_location)
     rank, world_size = get_dist_info()
     downloaded = False
     if rank == 0 and not osp.isfile(cached):
@@ -825,21 +1160,30 @@ def load_http_checkpoint(filename: str, map_location=None,
             _download(filename, cached)
             downloaded = True
     try:
-        return load_checkpoint_file(cached, map_location=map_location)
+        return _load_copy(filename, cached, f'cached at {cached}', map_location)
     except UnreadableCheckpointError as error:
-        if downloaded:  # e.g. a legacy-format file cut short without a Content-Length
-            os.remove(cached)
-            raise UnreadableCheckpointError(
-                f'{error} [downloaded from {filename}; nothing was kept at {cached}]') from None
+        if not downloaded:
+            raise
+        # e.g. a legacy-format file cut short without a Content-Length
+        os.remove(cached)
+        message = str(error).split(' [the copy of ')[0]
         raise UnreadableCheckpointError(
-            f'{error} [the copy of {filename} cached at {cached}; delete it to download it '
-            'again]') from None
+            f'{message} [downloaded from {filename}; nothing was kept at {cached}]') from None
+
+
+def _load_copy(url: str, path: str, where: str, map_location: Any) -> Any:
+    """Load the local copy ``path`` of ``url``; every error names the copy (``where``)."""
+    try:
+        return load_checkpoint_file(path, map_location=map_location)
+    except UnreadableCheckpointError as error:
+        raise UnreadableCheckpointError(
+            f'{error} [the copy of {url} {where}; delete it to download it again]') from None
     except CheckpointRefusedError as error:
-        raise CheckpointRefusedError(
-            f'{error} [the copy of {filename} cached at {cached}]') from None
+        raise CheckpointRefusedError(f'{error} [the copy of {url} {where}]',
+                                     honest=error.honest) from None
     except Exception as error:
-        raise RuntimeError(f'mmseg_proto: loading the copy of {filename} cached at {cached} '
-                           f'failed: {type(error).__name__}: {error}') from error
+        raise RuntimeError(f'mmseg_proto: loading the copy of {url} {where} failed: '
+                           f'{type(error).__name__}: {error}') from error
 
 
 def register_checkpoint_loader() -> None:
@@ -847,8 +1191,10 @@ def register_checkpoint_loader() -> None:
     :func:`load_http_checkpoint` its loader of http(s) URLs (every ``load_from``,
     ``--resume``, ``--checkpoint``, ``init_model`` and pretrained ``init_cfg`` with such a
     path goes through them). Other schemes (``open-mmlab://``, ``torchvision://``, ...) keep
-    mmengine's loaders. Idempotent."""
+    mmengine's loaders. Warns once per process when this torch's private unpickler is not
+    the one the loader was written for (:func:`checkpoint_loader_problem`). Idempotent."""
     from mmengine.runner.checkpoint import CheckpointLoader
+    warn_if_loader_unusable()
     if CheckpointLoader._schemes.get('') is not load_local_checkpoint:
         CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint,
                                          force=True)
