@@ -235,7 +235,11 @@ def load_trained_state(model: nn.Module, checkpoint: str) -> List[str]:
     from mmseg_proto.models.utils.prototype_bank import PrototypeBank
     state = _state_dict_of(CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu'),
                            checkpoint)
-    expected = model.state_dict()
+    own = model.state_dict()
+    # BatchNorm's step counter is not used at inference, and torch fills it in for
+    # checkpoints written before it existed.
+    expected = OrderedDict((key, value) for key, value in own.items()
+                           if not key.endswith('num_batches_tracked'))
     missing = [key for key in expected if key not in state]
     if missing:
         raise ExportError(
@@ -261,13 +265,13 @@ def load_trained_state(model: nn.Module, checkpoint: str) -> List[str]:
     except RuntimeError as err:  # a module's own load check (ProtoHead's prototypes)
         raise ExportError(f'ONNX export: {checkpoint} does not load: {err}') from None
     loaded = model.state_dict()
-    differ = [key for key, value in loaded.items()
-              if not torch.equal(value, state[key].to(value.dtype))]
+    differ = [key for key, value in expected.items()
+              if not torch.equal(loaded[key], state[key].to(value.dtype))]
     if differ:
         raise ExportError(
             f'ONNX export: {listed_names(differ)} did not load from {checkpoint} (a module\'s '
             'load policy kept its own values); the export would ship them as initialised')
-    return sorted(set(state) - set(expected))
+    return sorted(set(state) - set(own))
 
 
 def is_onnx_model(path: str) -> bool:
