@@ -193,7 +193,8 @@ def evaluate(work_dir: str, data_root: str, held: int, head: str, shots: list,
             for d in range(draws):
                 support = draw(pool, shot, held, d)
                 t0 = time.perf_counter()
-                added, report = add_classes(model, [CLASSES[held]], [support], **options)
+                added, report = add_classes(model, [CLASSES[held]], [support],
+                                            mask_values=[held], **options)
                 seconds = time.perf_counter() - t0
                 conf = cache.confusion(added, head_adapter(added), n)
                 rec = dict(row=row, shots=shot, draw=d, seconds=seconds,

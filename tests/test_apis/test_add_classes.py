@@ -304,5 +304,12 @@ def test_tool_refuses_bad_input_and_writes_nothing(protoseg, tmp_path):
     lst.write_text(f'{image}\n')
     proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
     assert proc.returncode != 0 and 'expected IMAGE MASK' in proc.stderr
+    lst.write_text(f'{image} {empty}\n')
     proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', ckpt)
     assert proc.returncode != 0 and 'is a file' in proc.stderr
+    user = tmp_path / 'user'
+    user.mkdir()
+    (user / osp.basename(cfg)).write_text('mine')  # the name of the config it would write
+    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', user,
+                    '--force')
+    assert proc.returncode != 0 and 'not replacing it' in proc.stderr

@@ -78,28 +78,29 @@ def read_support_list(path: str) -> list:
     return pairs
 
 
-def output_paths(args) -> tuple:
-    """(config, checkpoint) paths in --out; SystemExit when they would replace an input or
-    a checkpoint already there (without --force)."""
-    config_out = osp.join(args.out, osp.splitext(osp.basename(args.config))[0] + '.py')
+def output_folder(args, supports: list):
+    """The --out folder under the package's output policy (never an input by any spelling,
+    never a file another tool or the user wrote, atomic writes) and the two file names;
+    SystemExit before any work when it is refused, or when it already holds a checkpoint
+    (without --force)."""
+    from mmseg_proto.utils.output_files import OutputFolder, OutputPathError
+    config_name = osp.splitext(osp.basename(args.config))[0] + '.py'
     ckpt_name = osp.basename(args.checkpoint)
-    ckpt_out = osp.join(args.out, ckpt_name if ckpt_name.endswith('.pth')
-                        else ckpt_name + '.pth')
-    if osp.exists(args.out) and not osp.isdir(args.out):
-        raise SystemExit(f'add_class: --out {args.out} is a file; give a folder')
-    inputs = [args.config, args.checkpoint] + args.support
-    for out in (config_out, ckpt_out):
-        for given in inputs:
-            if osp.exists(out) and osp.exists(given) and osp.samefile(out, given):
-                raise SystemExit(f'add_class: writing {out} would replace the input {given}; '
-                                 'give another --out')
-    if not args.force:
-        held = [f for f in sorted(os.listdir(args.out)) if f.endswith('.pth')] \
-            if osp.isdir(args.out) else []
+    ckpt_name = ckpt_name if ckpt_name.endswith('.pth') else ckpt_name + '.pth'
+    out = OutputFolder(args.out, 'add_class')
+    inputs = dict(config=args.config, checkpoint=args.checkpoint, support=args.support,
+                  images=[i for pairs in supports for i, _ in pairs],
+                  masks=[m for pairs in supports for _, m in pairs])
+    try:
+        out.check(inputs, names=[config_name, ckpt_name])
+    except OutputPathError as err:
+        raise SystemExit(str(err))
+    if not args.force and osp.isdir(args.out):
+        held = sorted(f for f in os.listdir(args.out) if f.endswith('.pth'))
         if held:
-            raise SystemExit(f'add_class: {args.out} already holds a checkpoint '
-                             f'({held[0]}); give another --out or pass --force')
-    return config_out, ckpt_out
+            raise SystemExit(f'add_class: {args.out} already holds a checkpoint ({held[0]}); '
+                             'give another --out or pass --force')
+    return out, config_name, ckpt_name
 
 
 def extended_dataset(dataset: dict, classes, palette) -> dict:
@@ -120,20 +121,10 @@ def extended_dataset(dataset: dict, classes, palette) -> dict:
     return dataset
 
 
-def atomic_save(obj, path: str) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    config_out, ckpt_out = output_paths(args)
     supports = [read_support_list(path) for path in args.support]
+    out, config_name, ckpt_name = output_folder(args, supports)
     from mmengine.utils import ProgressBar
     from mmseg.apis import init_model
 
@@ -160,18 +151,18 @@ def main(argv=None):
             cfg[loader].dataset = extended_dataset(cfg[loader].dataset, meta['classes'],
                                                    meta['palette'])
     cfg.load_from = None
-    os.makedirs(args.out, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in new.state_dict().items()}
     added = [dict(name=c.name, index=c.index, support_images=c.support_images,
                   pixels=c.pixels, prototypes=c.prototypes, offset=c.offset,
                   support_iou=c.support_iou) for c in report.classes]
-    atomic_save(dict(meta=dict(dataset_meta=dict(classes=list(meta['classes']),
-                                                 palette=meta['palette']),
-                               added_classes=added, source_checkpoint=args.checkpoint),
-                     state_dict=state), ckpt_out)
-    tmp = f'{config_out}.tmp{os.getpid()}.py'
-    cfg.dump(tmp)
-    os.replace(tmp, config_out)
+    with out.atomic(ckpt_name) as tmp:
+        torch.save(dict(meta=dict(dataset_meta=dict(classes=list(meta['classes']),
+                                                    palette=meta['palette']),
+                                  added_classes=added, source_checkpoint=args.checkpoint),
+                        state_dict=state), tmp)
+    with out.atomic(config_name) as tmp:
+        cfg.dump(tmp)
+    config_out, ckpt_out = osp.join(args.out, config_name), osp.join(args.out, ckpt_name)
     method = ('new prototypes' if report.method == 'prototypes' else 'an imprinted conv_seg row')
     for c in report.classes:
         placed = f', {c.prototypes} prototype(s) placed' if report.method == 'prototypes' else ''
