@@ -52,6 +52,12 @@ ROWS = {
     'ProtoSeg, one mean prototype, plain offset': ('protoseg',
                                                    dict(num_prototypes=1, calibrate=False)),
     'parametric, imprinting, plain bias': ('parametric', dict(calibrate=False)),
+    # The same small refinement budget for both heads: 50 Adam steps (lr 0.01) on the new
+    # class's own parameters over the support images.
+    'ProtoSeg, K clustered prototypes, refined': ('protoseg', dict(refine_steps=50)),
+    'ProtoSeg, one mean prototype, refined': ('protoseg', dict(num_prototypes=1,
+                                                               refine_steps=50)),
+    'parametric, imprinting, refined': ('parametric', dict(refine_steps=50)),
 }
 
 
@@ -257,6 +263,23 @@ def summary(records: list) -> str:
     return '\n'.join(lines)
 
 
+def read_result(path: str, held_out: str, head: str) -> dict:
+    """One evaluated base model's ``add_class.json``; SystemExit naming the file and what
+    is wrong when it cannot be used."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        ok = (rec['held_out'] == held_out and rec['head'] == head
+              and isinstance(rec['rows'], list) and isinstance(rec['base'], dict))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f'{path}: not a finished evaluation ({type(err).__name__}: {err}); '
+                         'delete it to evaluate again')
+    if not ok:
+        raise SystemExit(f'{path} is not the evaluation of {head} without {held_out}; '
+                         'delete it to evaluate again')
+    return rec
+
+
 def oracle_iou(path: str) -> dict:
     """head -> class -> mean IoU over seeds of the all-class model (camvid_4000)."""
     if not osp.exists(path):
@@ -315,12 +338,20 @@ def main():
     for held, head, seed in jobs:
         variant = f'{head} no-{CLASSES[held]}'
         work = run_dir(args.out, variant, seed)
+        result = osp.join(work, 'add_class.json')
+        if (not args.report_only and not osp.exists(result)
+                and osp.exists(osp.join(work, 'record.json'))
+                and not osp.exists(osp.join(work, 'last_checkpoint'))):
+            # Only record.json is kept in git: a base run finished on another machine
+            # left no checkpoint to add classes to, so it is trained again.
+            print(f'[camvid_add_class] {variant} seed {seed}: its checkpoint is gone (only '
+                  'record.json is kept); training it again', flush=True)
+            os.remove(osp.join(work, 'record.json'))
         if not args.report_only and not osp.exists(osp.join(work, 'record.json')):
             print(f'[camvid_add_class] training {variant} seed {seed}', flush=True)
             subprocess.run([sys.executable, BENCH, '--single', variant, str(seed),
                             '--iters', str(args.iters), '--data-root', args.data_root,
                             '--out', args.out], check=True, env=env)
-        result = osp.join(work, 'add_class.json')
         if args.train_only or not osp.exists(osp.join(work, 'record.json')):
             continue
         if not osp.exists(result) and not args.report_only:
@@ -330,8 +361,7 @@ def main():
             rec.update(seed=seed, iters=args.iters)
             write_json(result, rec)
         if osp.exists(result):
-            with open(result) as f:
-                records.append(json.load(f))
+            records.append(read_result(result, CLASSES[held], head))
     if not records:
         return
     oracle = oracle_iou(osp.join(REPO, 'benchmarks', 'results', 'camvid_4000',

@@ -282,7 +282,8 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
                 mask_values: Optional[Sequence[Optional[int]]] = None,
                 palette: Optional[Sequence[Sequence[int]]] = None,
                 calibrate: bool = True, num_prototypes: Optional[int] = None,
-                seed: int = 0, progress: Optional[Callable[[int], Any]] = None
+                seed: int = 0, refine_steps: int = 0, refine_lr: float = 0.01,
+                progress: Optional[Callable[[int], Any]] = None
                 ) -> Tuple[nn.Module, AddClassReport]:
     """A copy of ``model`` that also segments the classes ``names``.
 
@@ -301,6 +302,13 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
         num_prototypes (int, optional): ProtoHead only: prototypes of the new class, at
             most the head's K (fewer are repeated). Default: K.
         seed (int): Seed of the clustering's start. Default: 0.
+        refine_steps (int): After placing and calibrating, this many Adam steps on the new
+            class's own parameters only (ProtoHead: its prototypes and ``mask_norm`` entry;
+            otherwise its ``conv_seg`` row and bias), with cross-entropy over the support
+            images' known pixels: the class's pixels as the class, the others as the
+            model's own prediction before the class was added (:func:`refine_new_class`).
+            Default: 0 (none).
+        refine_lr (float): Their learning rate. Default: 0.01.
         progress (callable, optional): Called with the number of support images after
             each is embedded (a progress bar's ``update``).
 
@@ -311,13 +319,17 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
     Raises:
         AddClassError: A bad name, image, mask or model; nothing is changed.
     """
+    if not (isinstance(refine_steps, int) and refine_steps >= 0):
+        raise AddClassError(f'refine_steps={refine_steps!r}: give an integer >= 0')
+    if not (isinstance(refine_lr, (int, float)) and 0 < refine_lr < float('inf')):
+        raise AddClassError(f'refine_lr={refine_lr!r}: give a finite number > 0')
     with torch.no_grad():
         return _add_classes(model, list(names), supports, mask_values, palette, calibrate,
-                            num_prototypes, seed, progress)
+                            num_prototypes, seed, refine_steps, refine_lr, progress)
 
 
 def _add_classes(model, names, supports, mask_values, palette, calibrate, num_prototypes,
-                 seed, progress):
+                 seed, refine_steps, refine_lr, progress):
     start = time.perf_counter()
     meta = dict(getattr(model, 'dataset_meta', None) or {})
     classes = list(meta.get('classes') or [])
@@ -368,10 +380,71 @@ def _add_classes(model, names, supports, mask_values, palette, calibrate, num_pr
             pred_new = scores + info.offset > base_logits.max(dim=1).values
             info.support_iou = float((pred_new & pos_all).sum() / (pred_new | pos_all).sum())
         _set_offset(new, adapter, info.offset)
+        if refine_steps:
+            refine_new_class(new, adapter, feats_all, pos_all, torch.cat(knowns),
+                             base_logits.argmax(dim=1), refine_steps, refine_lr)
+            with torch.no_grad():
+                logits = adapter.logits(_as_image(feats_all)).flatten(2)[0].T
+            pred_new = logits.argmax(dim=1) == logits.shape[1] - 1
+            info.support_iou = float((pred_new & pos_all).sum() / (pred_new | pos_all).sum())
+            info.notes.append(f'refined: {refine_steps} steps')
         added.append(info)
     _extend_meta(new, meta, classes, names, palette)
     _extend_cfg(new, adapter)
     return new, AddClassReport(added, time.perf_counter() - start, adapter.method)
+
+
+def refine_new_class(model: nn.Module, adapter: _HeadAdapter, feats: Tensor,
+                     positive: Tensor, known: Tensor, base_pred: Tensor, steps: int,
+                     lr: float) -> None:
+    """A few Adam steps on the last class's own parameters, nothing else.
+
+    Loss: cross-entropy of the head's logits over the ``known`` support pixels, with target
+    the new class on ``positive`` pixels and ``base_pred`` (the model's prediction before
+    the class was added) elsewhere. The other classes' parameters get no update (their
+    gradients are zeroed before each step), so their logits stay bit-identical.
+    """
+    head = model.decode_head
+    c = head.num_classes - 1
+    targets = torch.where(positive, torch.full_like(base_pred, c), base_pred)[known]
+    x = feats[known]
+    with torch.enable_grad():
+        if adapter.method == 'prototypes':
+            with torch.no_grad():
+                base_scores = head.scorer.similarity(
+                    head.scorer.class_cosines(x, head.prototypes[:c]))
+            new_protos = head.prototypes[c].clone().requires_grad_()
+            rows = [head.mask_norm.weight, head.mask_norm.bias]
+            params = [new_protos] + rows
+
+            def logits():
+                own = head.scorer.class_scores(x, F.normalize(new_protos, dim=-1)[None])
+                return head.mask_norm(torch.cat([base_scores, own], dim=-1))
+        else:
+            conv = head.conv_seg
+            rows = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+            params = list(rows)
+
+            def logits():
+                return F.linear(x, conv.weight.flatten(1), conv.bias)
+        flags = [p.requires_grad for p in rows]
+        for p in rows:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        try:
+            for _ in range(steps):
+                optimizer.zero_grad()
+                F.cross_entropy(logits(), targets).backward()
+                for p in rows:  # only the new class's entry moves
+                    p.grad[:c] = 0
+                optimizer.step()
+        finally:
+            for p, flag in zip(rows, flags):
+                p.requires_grad_(flag)
+                p.grad = None
+    if adapter.method == 'prototypes':
+        with torch.no_grad():
+            head.prototypes[c] = F.normalize(new_protos.detach(), dim=-1)
 
 
 def _as_image(feats: Tensor) -> Tensor:

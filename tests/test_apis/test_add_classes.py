@@ -208,6 +208,25 @@ def test_calibrated_offset_classifies_most_support_pixels(parametric, tmp_path):
     assert calibrated.classes[0].support_iou >= plain.classes[0].support_iou
 
 
+@pytest.mark.parametrize('which', ['protoseg', 'parametric'])
+def test_refinement_moves_only_the_new_class(which, request, tmp_path):
+    _, _, model = request.getfixturevalue(which)
+    support = support_of(car_images(2), tmp_path)
+    plain, _ = add_classes(model, ['mystery'], [support])
+    refined, report = add_classes(model, ['mystery'], [support], refine_steps=10)
+    assert 'refined: 10 steps' in report.classes[0].notes
+    before, after = plain.state_dict(), refined.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved  # the new class's parameters moved
+    for key in moved:  # ... and only its entries (the last along the class axis)
+        assert torch.equal(before[key][:-1], after[key][:-1]), key
+    torch.testing.assert_close(_logits(refined, VAL[0])[:11], _logits(model, VAL[0]),
+                               rtol=0, atol=0)
+    if which == 'protoseg':
+        torch.testing.assert_close(refined.decode_head.prototypes[-1].norm(dim=-1),
+                                   torch.ones(10))
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize('case', ['empty', 'size', 'name', 'vanishes', 'unreadable',
                                   'head', 'values'])
