@@ -28,3 +28,20 @@ def test_readme_is_a_first_screen_not_a_manual():
     """The README stays short (set-up internals, test counts and the long benchmark
     narrative live in docs/)."""
     assert osp.getsize(osp.join(REPO, 'README.md')) <= 12 * 1024
+
+
+def test_tests_named_in_the_reliability_page_exist():
+    """Every test the reliability page names (``path::name`` or ``::name``) is defined, and
+    every file it names exists: the page cannot point at a test that was renamed away."""
+    with open(osp.join(REPO, 'docs', 'reliability.md'), encoding='utf-8') as f:
+        text = f.read()
+    defined = set()
+    for path in glob.glob(osp.join(REPO, 'tests', '**', '*.py'), recursive=True):
+        with open(path, encoding='utf-8') as f:
+            defined |= set(re.findall(r'^\s*def (test_\w+)', f.read(), re.M))
+    named = set(re.findall(r'::(test_\w+)', text)) | set(re.findall(r'`(test_\w+)`', text))
+    assert named, 'the page names no test: the pattern is broken'
+    missing = sorted(named - defined)
+    assert not missing, f'docs/reliability.md names tests that do not exist: {missing}'
+    files = set(re.findall(r'`(tests/[\w/]+\.py)', text))
+    assert not [f for f in files if not osp.exists(osp.join(REPO, f))]
