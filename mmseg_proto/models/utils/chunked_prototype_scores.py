@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .prototype_index import similarity_slabs
+
 
 class ChunkedPrototypeScores(torch.autograd.Function):
     """Streamed form of ProtoSeg's similarity matrix for large C x K.
@@ -38,10 +40,11 @@ class ChunkedPrototypeScores(torch.autograd.Function):
         own = emb.new_empty((n, k))
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
-            sims = F.linear(emb[part], protos).view(-1, k, c)
+            flat = F.linear(emb[part], protos)
+            sims = similarity_slabs(flat, c, k)  # (chunk, K, C)
             best = sims.max(dim=1)
             scores[part], winner[part] = best.values, best.indices
-            flat = sims.view(-1, k * c).float()
+            flat = flat.float()
             lse[part] = torch.logsumexp(
                 flat * inv_temperature if inv_temperature != 1.0 else flat,
                 dim=1)
@@ -68,7 +71,7 @@ class ChunkedPrototypeScores(torch.autograd.Function):
             else:
                 grad.zero_()
             if g_scores is not None:
-                grad.view(-1, k, c).scatter_add_(
+                similarity_slabs(grad, c, k).scatter_add_(
                     1, winner[part, None].long(),
                     g_scores[part, None].float())
             grad_emb[part] = (grad.to(emb.dtype) @ protos)

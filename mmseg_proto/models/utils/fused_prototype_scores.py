@@ -5,6 +5,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .prototype_index import similarity_slabs
+
 
 # exp() of fp32 overflows above ~88.7: without a shift, exp(s / T) of all
 # K*C columns stays finite while max(s) / T + log(K*C) is below this bound.
@@ -70,11 +72,11 @@ class FusedPrototypeScores(torch.autograd.Function):
     def forward(ctx, emb: Tensor, scaled: Tensor, scaled_protos: Tensor,
                 targets: Tensor, num_classes: int, num_prototypes: int,
                 inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-        n, (c, k) = scaled.shape[0], (num_classes, num_prototypes)
+        c, k = num_classes, num_prototypes
         temperature = 1.0 / inv_temperature
         ctx.params = (c, k, temperature, emb.dtype)
         ctx.consumed = False
-        by_slab = scaled.view(n, k, c)
+        by_slab = similarity_slabs(scaled, c, k)
         best = by_slab.amax(dim=1)  # (N, C)
         winners = by_slab >= best[:, None]  # (N, K, C) bool: == the max
         valid = targets >= 0
@@ -110,7 +112,6 @@ class FusedPrototypeScores(torch.autograd.Function):
         numer, scaled_protos, index, valid, winners, sum_exp, target_sim = \
             ctx.saved_tensors
         c, k, temperature, emb_dtype = ctx.params
-        n = numer.shape[0]
         g_ppc = torch.zeros_like(sum_exp) if g_ppc is None else g_ppc.float()
         g_ppd = torch.zeros_like(sum_exp) if g_ppd is None else g_ppd.float()
         w_ppc = g_ppc * valid
@@ -127,6 +128,6 @@ class FusedPrototypeScores(torch.autograd.Function):
             if k > 1:
                 g_best = g_best / winners.view(torch.uint8).sum(
                     dim=1, dtype=torch.uint8 if k < 256 else torch.int32)
-            grad.view(n, k, c).addcmul_(winners, g_best[:, None])
+            similarity_slabs(grad, c, k).addcmul_(winners, g_best[:, None])
         grad_emb = grad.to(scaled_protos.dtype) @ scaled_protos
         return (grad_emb.to(emb_dtype), None, None, None, None, None, None)

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..losses import PixelPrototypeContrastLoss
 from .proto_head_options import standard_prototype_losses
 from .prototype_distance import similarity_from_cosine
-from .prototype_index import prototype_matrix
+from .prototype_index import prototype_matrix, similarity_slabs
 from .prototype_scores import (EagerScores, FusedScores, StreamedScores,
                                TrainingScores)
 
@@ -108,7 +108,7 @@ class PrototypeScorer:
         class's K prototypes, from the whole (..., K*C) similarity matrix."""
         c, k = prototypes.shape[:2]
         sims = self.similarity(F.linear(emb, prototype_matrix(prototypes).to(emb.dtype)))
-        return sims.unflatten(-1, (k, c)).max(dim=-2).values
+        return similarity_slabs(sims, c, k).max(dim=-2).values
 
     @torch.no_grad()
     def class_cosines(self, emb: Tensor, prototypes: Tensor) -> Tensor:
@@ -119,8 +119,9 @@ class PrototypeScorer:
         x C) scores (ADE20K-full: 847 instead of 8470 per pixel).
         """
         flat = emb.reshape(-1, emb.shape[-1])
-        slabs = prototype_matrix(prototypes).to(emb.dtype).view(
-            prototypes.shape[1], prototypes.shape[0], -1)  # (K, C, D)
+        c, k = prototypes.shape[:2]
+        slabs = similarity_slabs(prototype_matrix(prototypes).to(emb.dtype), c, k,
+                                 dim=0)  # (K, C, D)
         class_scores = F.linear(flat, slabs[0])
         # One (pixels x C) buffer for every slab (no fresh allocation per slab); autocast
         # does not take out= arguments, and exporters (TorchScript, ONNX, torch.export)

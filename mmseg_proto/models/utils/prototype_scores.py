@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .chunked_prototype_scores import ChunkedPrototypeScores
 from .fused_prototype_scores import FusedPrototypeScores
+from .prototype_index import similarity_slabs
 
 
 class TrainingScores:
@@ -67,11 +68,11 @@ class EagerScores(TrainingScores):
         self.sims = F.linear(emb, protos)
         if to_similarity is not None:
             self.sims = to_similarity(self.sims)
-        self.own = self.sims.detach().view(-1, self.k, self.c)[valid, :, labels[valid]]
+        self.own = similarity_slabs(self.sims.detach(), self.c, self.k)[valid, :, labels[valid]]
 
     def finish(self, targets: Tensor, loss_fns: Sequence,
                num_valid: int) -> Tuple[Tensor, List[Tensor]]:
-        class_scores = self.sims.view(-1, self.k, self.c).max(dim=1).values
+        class_scores = similarity_slabs(self.sims, self.c, self.k).max(dim=1).values
         return class_scores, [fn(self.sims, targets) for fn in loss_fns]
 
 
@@ -85,7 +86,7 @@ class FusedScores(TrainingScores):
         self.scaled_protos = protos * inv_temperature if inv_temperature != 1.0 else protos
         with torch.no_grad():  # FusedPrototypeScores differentiates it itself
             self.scaled = F.linear(emb, self.scaled_protos)
-        own = self.scaled.view(-1, self.k, self.c)[valid, :, labels[valid]]
+        own = similarity_slabs(self.scaled, self.c, self.k)[valid, :, labels[valid]]
         self.own = own.mul_(1.0 / inv_temperature) if inv_temperature != 1.0 else own
 
     def terms(self, targets: Tensor):
