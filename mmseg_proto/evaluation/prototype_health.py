@@ -4,9 +4,9 @@ The training-time Sinkhorn assignment is balanced by construction (every prototy
 N_c / K pixels), so it cannot show collapse. What matters at inference is the *nearest*
 prototype of the pixel's own class (the max over K): these functions count, per class, how
 its labelled pixels spread over its prototypes under that rule, and how similar the class's
-prototypes are to each other.
+prototypes are to each other. :func:`prototype_health` is defined with the bank's statistics
+(:mod:`mmseg_proto.models.utils.prototype_statistics`), which log it during training.
 """
-import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -14,6 +14,9 @@ from torch import Tensor
 
 from ..models.utils.prototype_index import buffer_index
 from ..models.utils.prototype_scorer import PrototypeScorer
+from ..models.utils.prototype_statistics import prototype_health
+
+__all__ = ['format_health_table', 'nearest_prototype_usage', 'prototype_health']
 
 
 def nearest_prototype_usage(embeddings: Tensor, labels: Tensor, prototypes: Tensor,
@@ -38,43 +41,6 @@ def nearest_prototype_usage(embeddings: Tensor, labels: Tensor, prototypes: Tens
         nearest.append(own.argmax(dim=1))
     index = buffer_index(lab, torch.cat(nearest) if nearest else lab, k)
     return torch.bincount(index, minlength=c * k).view(c, k)
-
-
-def prototype_health(prototypes: Tensor, usage: Tensor,
-                     min_share: float = 0.01) -> Dict[str, Tensor]:
-    """Per-class health figures.
-
-    Args:
-        prototypes (Tensor): (C, K, D) unit prototypes.
-        usage (Tensor): (C, K) pixel counts (:func:`nearest_prototype_usage`).
-        min_share (float): A prototype counts as used when it is the nearest one for at
-            least this share of the class's pixels. Default: 0.01.
-
-    Returns:
-        dict[str, Tensor]: (C,) each: ``pixels``; ``effective``, the number of prototypes
-        used (share >= ``min_share``); ``exp_entropy``, exp of the entropy of the usage
-        shares (1: all pixels on one prototype, K: evenly spread); ``cos_min``,
-        ``cos_mean``, ``cos_max`` of the pairwise cosines between the class's prototypes
-        (NaN for K = 1). Classes without pixels have NaN usage figures.
-    """
-    usage = usage.double()
-    pixels = usage.sum(dim=1)
-    share = usage / pixels.clamp(min=1)[:, None]
-    absent = pixels == 0
-    nan = torch.tensor(float('nan'), dtype=torch.float64)
-    entropy = -(share * torch.log(share.clamp(min=1e-300))).sum(dim=1)
-    protos = torch.nn.functional.normalize(prototypes.double(), dim=-1)
-    k = protos.shape[1]
-    cos = protos @ protos.transpose(1, 2)  # (C, K, K)
-    off = ~torch.eye(k, dtype=torch.bool)
-    pairs = cos[:, off] if k > 1 else torch.full((cos.shape[0], 1), math.nan,
-                                                  dtype=torch.float64)
-    return dict(
-        pixels=pixels,
-        effective=torch.where(absent, nan, (share >= min_share).sum(dim=1).double()),
-        exp_entropy=torch.where(absent, nan, entropy.exp()),
-        cos_min=pairs.min(dim=1).values, cos_mean=pairs.mean(dim=1),
-        cos_max=pairs.max(dim=1).values)
 
 
 def format_health_table(health: Dict[str, Tensor],

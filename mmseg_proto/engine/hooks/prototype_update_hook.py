@@ -5,12 +5,22 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
 
-from ...models.utils.proto_head_options import check_options
+from ...models.utils.proto_head_options import check_options, is_int, is_real
 from ...models.utils.prototype_bank import PrototypeBank
 from .optimizer_steps import optimizer_stepped, optimizer_steps_left
 from .resume_state import STATE_KEY, load_state, save_state
 
 NAME = 'PrototypeUpdateHook'
+# option -> (check, what it must be), checked as ProtoHead's are (bool is not a number)
+HOOK_RULES = {
+    'log_interval': (lambda v: is_int(v) and v >= 0,
+                     'an integer >= 0; 0 disables logging'),
+    'per_class_entropy': (lambda v: isinstance(v, bool), 'True or False'),
+    'reseed_interval': (lambda v: is_int(v) and v >= 0,
+                        'an integer >= 0; 0: no re-seeding'),
+    'reseed_min_share': (lambda v: is_real(v) and 0 < v <= 1,
+                         'a number in (0, 1]'),
+}
 
 
 @HOOKS.register_module()
@@ -64,8 +74,9 @@ class PrototypeUpdateHook(Hook):
     def __init__(self, log_interval: int = 50, priority: Optional[str] = None,
                  per_class_entropy: bool = True, reseed_interval: int = 0,
                  reseed_min_share: float = 0.01) -> None:
-        check_options(NAME, log_interval=log_interval, per_class_entropy=per_class_entropy,
-                      reseed_interval=reseed_interval, reseed_min_share=reseed_min_share)
+        check_options(NAME, HOOK_RULES, log_interval=log_interval,
+                      per_class_entropy=per_class_entropy, reseed_interval=reseed_interval,
+                      reseed_min_share=reseed_min_share)
         self.log_interval, self.per_class_entropy = log_interval, per_class_entropy
         self.reseed_interval, self.reseed_min_share = reseed_interval, float(reseed_min_share)
         if priority is not None:

@@ -117,7 +117,7 @@ class ProtoHead(BaseDecodeHead):
                  loss_decode: ConfigType = DEFAULT_LOSSES,
                  init_cfg: OptConfigType = None, **kwargs) -> None:
         given = locals()
-        check_options('ProtoHead', **{key: given[key] for key in HEAD_RULES})
+        check_options('ProtoHead', HEAD_RULES, **{key: given[key] for key in HEAD_RULES})
         check_out_channels(kwargs.get('out_channels'), num_classes)
         check_mask_norm_classes(mask_norm_classes, num_classes)
         decoder = _build_decoder(decoder, num_classes)

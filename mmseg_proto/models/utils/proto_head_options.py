@@ -1,12 +1,12 @@
-"""Validation of ProtoHead's and PrototypeUpdateHook's options, combinations included.
+"""Validation of ProtoHead's options, combinations included.
 
 Every check raises an error for people: it names the config key at fault, what it must be
 and, for a combination, what to change. :func:`check_options` reports every option at fault
-in one message. Used by :class:`~mmseg_proto.models.decode_heads.ProtoHead` (before and
-while it builds its parts) and by
-:class:`~mmseg_proto.engine.hooks.PrototypeUpdateHook`.
+in one message, from an owner's table of rules: :data:`HEAD_RULES` here, for
+:class:`~mmseg_proto.models.decode_heads.ProtoHead` (checked before and while it builds its
+parts); :class:`~mmseg_proto.engine.hooks.PrototypeUpdateHook` keeps its own table next to it.
 """
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
@@ -18,11 +18,13 @@ from .prototype_distance import DISTANCES
 PROJECTIONS = ('none', 'linear', 'mlp')
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
+    """An int or a float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -37,26 +39,26 @@ HUBER_DELTA_MAX = 2.0
 def _is_useful_huber_delta(value: Any) -> bool:
     """A real number in (0, HUBER_DELTA_MAX]; NaN, inf and ints too large for a float fail the
     comparison (inf would make every huberized similarity 1, each class score the same)."""
-    return _is_real(value) and 0 < value <= HUBER_DELTA_MAX
+    return is_real(value) and 0 < value <= HUBER_DELTA_MAX
 
 
 # option -> (check, what it must be); bool is not an int or a number here
 HEAD_RULES = {
-    'num_classes': (lambda v: _is_int(v) and v >= 2,
+    'num_classes': (lambda v: is_int(v) and v >= 2,
                     'an integer >= 2; the class scores go through a LayerNorm '
                     'over classes, constant for one class: for binary '
                     'segmentation use num_classes=2 (background, foreground)'),
-    'embed_dims': (lambda v: v is None or (_is_int(v) and v >= 1),
+    'embed_dims': (lambda v: v is None or (is_int(v) and v >= 1),
                    "None (the decoder's channels) or an integer >= 1"),
     'projection': (lambda v: v in PROJECTIONS, f'one of {PROJECTIONS}'),
-    'num_prototypes': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    'momentum': (lambda v: _is_real(v) and 0.0 <= v <= 1.0,
+    'num_prototypes': (lambda v: is_int(v) and v >= 1, 'an integer >= 1'),
+    'momentum': (lambda v: is_real(v) and 0.0 <= v <= 1.0,
                  'a number in [0, 1]'),
-    'sinkhorn_epsilon': (lambda v: _is_real(v) and v > 0, 'a number > 0'),
-    'sinkhorn_iters': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'sinkhorn_epsilon': (lambda v: is_real(v) and v > 0, 'a number > 0'),
+    'sinkhorn_iters': (lambda v: is_int(v) and v >= 1, 'an integer >= 1'),
     'sync_sinkhorn': (lambda v: isinstance(v, bool), 'True or False'),
     'fused_losses': (lambda v: isinstance(v, bool), 'True or False'),
-    'similarity_chunk': (lambda v: v is None or (_is_int(v) and v >= 1),
+    'similarity_chunk': (lambda v: v is None or (is_int(v) and v >= 1),
                          'None or an integer >= 1'),
     'distance': (lambda v: v in DISTANCES, f'one of {DISTANCES}'),
     'huber_delta': (_is_useful_huber_delta,
@@ -67,21 +69,11 @@ HEAD_RULES = {
     'reference_width_norm': (lambda v: isinstance(v, bool), 'True or False'),
     'load_prototypes': (lambda v: isinstance(v, bool), 'True or False'),
 }
-HOOK_RULES = {
-    'log_interval': (lambda v: _is_int(v) and v >= 0,
-                     'an integer >= 0; 0 disables logging'),
-    'per_class_entropy': (lambda v: isinstance(v, bool), 'True or False'),
-    'reseed_interval': (lambda v: _is_int(v) and v >= 0,
-                        'an integer >= 0; 0: no re-seeding'),
-    'reseed_min_share': (lambda v: _is_real(v) and 0 < v <= 1,
-                         'a number in (0, 1]'),
-}
-OWNER_RULES = {'ProtoHead': HEAD_RULES, 'PrototypeUpdateHook': HOOK_RULES}
 
 
 def check_mask_norm_classes(mask_norm_classes: Any, num_classes: int) -> None:
     """``mask_norm_classes``: None or an int in [2, num_classes]."""
-    if mask_norm_classes is None or (_is_int(mask_norm_classes)
+    if mask_norm_classes is None or (is_int(mask_norm_classes)
                                      and 2 <= mask_norm_classes <= num_classes):
         return
     raise ValueError(f'ProtoHead: invalid mask_norm_classes={mask_norm_classes!r} (must be '
@@ -89,14 +81,15 @@ def check_mask_norm_classes(mask_norm_classes: Any, num_classes: int) -> None:
                      'first classes set the statistics of the LayerNorm over classes)')
 
 
-def check_options(owner: str, **options: Any) -> None:
+def check_options(owner: str, rules: Dict[str, Tuple[Callable[[Any], bool], str]],
+                  **options: Any) -> None:
     """Raise one ValueError naming every option of ``owner`` at fault.
 
     Args:
-        owner (str): 'ProtoHead' or 'PrototypeUpdateHook'.
+        owner (str): Who the options are for, as the message names it, e.g. 'ProtoHead'.
+        rules (dict): Option name -> (check, what it must be), e.g. :data:`HEAD_RULES`.
         **options: The options to check, by name.
     """
-    rules: Dict[str, Any] = OWNER_RULES[owner]
     problems = [f'{key}={value!r} (must be {rules[key][1]})'
                 for key, value in options.items() if not rules[key][0](value)]
     if problems:

@@ -1,5 +1,7 @@
 """What one training batch tells a PrototypeBank: per-prototype sums and counts, the
-diagnostics (Sinkhorn assignments, prototype use) it may add, and their sums over processes."""
+diagnostics (Sinkhorn assignments, prototype use) it may add, and their sums over processes;
+and :func:`prototype_health`, the per-class figures of prototype use that training logs and
+:mod:`mmseg_proto.evaluation` reports on a dataset."""
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -212,8 +214,6 @@ def assignment_diagnostics(assignments: Dict[str, Tensor],
         the class's pixels), ``entropy`` (mean over them of the assignment entropy / log K)
         and ``entropy_per_class`` ({class index: entropy}).
     """
-    # Imported here: importing mmseg_proto.evaluation imports the models.
-    from ...evaluation.prototype_health import prototype_health
     if get_world_size() > 1:
         for value in assignments.values():
             all_reduce(value, op='sum')
@@ -232,6 +232,45 @@ def assignment_diagnostics(assignments: Dict[str, Tensor],
                 entropy=entropy[present].mean().item(),
                 entropy_per_class={i: per_class[i]
                                    for i in torch.nonzero(present).flatten().tolist()})
+
+
+def prototype_health(prototypes: Tensor, usage: Tensor,
+                     min_share: float = 0.01) -> Dict[str, Tensor]:
+    """Per-class health figures.
+
+    Args:
+        prototypes (Tensor): (C, K, D) unit prototypes.
+        usage (Tensor): (C, K) pixel counts, of the pixels whose nearest own-class
+            prototype each is (:func:`~mmseg_proto.evaluation.nearest_prototype_usage`,
+            or the ``nearest`` of :func:`assignment_statistics`).
+        min_share (float): A prototype counts as used when it is the nearest one for at
+            least this share of the class's pixels. Default: 0.01.
+
+    Returns:
+        dict[str, Tensor]: (C,) each: ``pixels``; ``effective``, the number of prototypes
+        used (share >= ``min_share``); ``exp_entropy``, exp of the entropy of the usage
+        shares (1: all pixels on one prototype, K: evenly spread); ``cos_min``,
+        ``cos_mean``, ``cos_max`` of the pairwise cosines between the class's prototypes
+        (NaN for K = 1). Classes without pixels have NaN usage figures.
+    """
+    usage = usage.double()
+    pixels = usage.sum(dim=1)
+    share = usage / pixels.clamp(min=1)[:, None]
+    absent = pixels == 0
+    nan = torch.tensor(float('nan'), dtype=torch.float64)
+    entropy = -(share * torch.log(share.clamp(min=1e-300))).sum(dim=1)
+    protos = torch.nn.functional.normalize(prototypes.double(), dim=-1)
+    k = protos.shape[1]
+    cos = protos @ protos.transpose(1, 2)  # (C, K, K)
+    off = ~torch.eye(k, dtype=torch.bool)
+    pairs = cos[:, off] if k > 1 else torch.full((cos.shape[0], 1), math.nan,
+                                                  dtype=torch.float64)
+    return dict(
+        pixels=pixels,
+        effective=torch.where(absent, nan, (share >= min_share).sum(dim=1).double()),
+        exp_entropy=torch.where(absent, nan, entropy.exp()),
+        cos_min=pairs.min(dim=1).values, cos_mean=pairs.mean(dim=1),
+        cos_max=pairs.max(dim=1).values)
 
 
 @torch.no_grad()
