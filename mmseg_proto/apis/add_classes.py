@@ -79,6 +79,12 @@ def read_support(image: ImageLike, mask: ImageLike,
     img = _read(image, 'color', 'image')
     m = _read(mask, 'unchanged', 'mask')
     name = mask if isinstance(mask, str) else 'the mask'
+    if m.ndim == 3 and m.shape[2] in (2, 4):  # an alpha channel: no label, if constant
+        if not (m[..., -1] == m[..., -1].flat[0]).all():
+            raise AddClassError(f'{name}: a mask with a varying alpha channel (transparency); '
+                                'give a single-channel binary mask or label map (alpha is '
+                                'not read as the class)')
+        m = m[..., :-1]
     if m.ndim == 3:
         if not all(np.array_equal(m[..., 0], m[..., i]) for i in range(1, m.shape[2])):
             raise AddClassError(f'{name}: a colour mask; give a single-channel binary mask '
@@ -91,9 +97,11 @@ def read_support(image: ImageLike, mask: ImageLike,
     if mask_value is None:
         values = set(np.unique(m).tolist())
         if len(values - {0}) > 1:
+            lossy = isinstance(mask, str) and mask.lower().endswith(('.jpg', '.jpeg'))
             raise AddClassError(f'{name} holds values {sorted(values)[:8]}: a binary mask has '
                                 '0 and one other value; for a label map give the class value '
-                                '(mask_value / --mask-value)')
+                                '(mask_value / --mask-value)'
+                                + ('; JPEG is lossy: save masks as PNG' if lossy else ''))
         positive, known = m > 0, np.ones(m.shape, bool)
     else:
         positive, known = m == mask_value, m != 255
@@ -106,13 +114,37 @@ def read_support(image: ImageLike, mask: ImageLike,
 def _read(source: ImageLike, flag: str, what: str) -> np.ndarray:
     import mmcv
     if isinstance(source, np.ndarray):
-        return source
+        return _check_array(source, flag, what)
     try:
         data = mmcv.imread(source, flag=flag, channel_order='bgr', backend='cv2')
     except Exception as err:  # mmcv raises FileNotFoundError, TypeError, ...
         raise AddClassError(f'cannot read the {what} {source!r}: {err}') from None
     if data is None:
         raise AddClassError(f'cannot read the {what} {source!r}: not an image')
+    return data
+
+
+def _check_array(data: np.ndarray, flag: str, what: str) -> np.ndarray:
+    """An image or mask given as an array, as reading a file with ``flag`` gives it: a
+    colour image has 3 BGR channels (a grayscale one is repeated, an alpha channel dropped,
+    as ``LoadImageFromFile`` does); values must be finite.
+
+    Raises:
+        AddClassError: Another shape, or NaN / inf values.
+    """
+    if data.ndim not in (2, 3) or data.size == 0 or (
+            data.ndim == 3 and data.shape[2] not in (1, 2, 3, 4)):
+        raise AddClassError(f'the {what} array has shape {data.shape}: give (H, W) or '
+                            '(H, W, 1 / 3 / 4 channels)')
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise AddClassError(f'the {what} array holds NaN or inf values: give finite values')
+    if flag == 'color':
+        if data.ndim == 2:
+            data = data[..., None]
+        if data.shape[2] in (2, 4):  # grayscale + alpha, BGRA: the alpha is not read
+            data = data[..., :-1]
+        if data.shape[2] == 1:
+            data = np.repeat(data, 3, axis=2)
     return data
 
 
@@ -272,6 +304,11 @@ def calibrate_offset(new_scores: Tensor, base_logits: Tensor, positive: Tensor,
     tp = torch.cumsum(pos, 0)
     fp = torch.cumsum(1 - pos, 0)
     iou = tp / (pos.sum() + fp)  # admitting the first i+1 pixels
+    # An offset admits all pixels of equal t or none: only the last of each run of ties
+    # is a reachable cut.
+    reachable = torch.ones_like(t, dtype=torch.bool)
+    reachable[:-1] = t[1:] > t[:-1]
+    iou = torch.where(reachable, iou, torch.full_like(iou, -1.0))
     best = int(torch.argmax(iou))
     nxt = float(t[best + 1]) if best + 1 < len(t) else float(t[best]) + 1.0
     return 0.5 * (float(t[best]) + nxt), float(iou[best])
@@ -295,12 +332,13 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
             (paths or arrays; the image BGR as ``LoadImageFromFile`` gives it).
         mask_values (Sequence[int | None], optional): For each name, the class's value in
             label-map masks; None (default): binary masks.
-        palette (Sequence[Sequence[int]], optional): An RGB colour per new class. Default:
-            colours not used by the model's palette.
+        palette (Sequence[Sequence[int]], optional): An RGB colour (3 integers in
+            [0, 255]) per new class. Default: colours not used by the model's palette.
         calibrate (bool): Set the new class's offset with :func:`calibrate_offset`
             (default). False: the mean of the trained classes' offsets (plain imprinting).
-        num_prototypes (int, optional): ProtoHead only: prototypes of the new class, at
-            most the head's K (fewer are repeated). Default: K.
+        num_prototypes (int, optional): ProtoHead only (refused for other heads):
+            prototypes of the new class, at most the head's K (fewer are repeated).
+            Default: K.
         seed (int): Seed of the clustering's start. Default: 0.
         refine_steps (int): After placing and calibrating, this many Adam steps on the new
             class's own parameters only (ProtoHead: its prototypes and ``mask_norm`` entry;
@@ -308,7 +346,7 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
             images' known pixels: the class's pixels as the class, the others as the
             model's own prediction before the class was added (:func:`refine_new_class`).
             Default: 0 (none).
-        refine_lr (float): Their learning rate. Default: 0.01.
+        refine_lr (float): Their learning rate, in (0, 1]. Default: 0.01.
         progress (callable, optional): Called with the number of support images after
             each is embedded (a progress bar's ``update``).
 
@@ -319,13 +357,23 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
     Raises:
         AddClassError: A bad name, image, mask or model; nothing is changed.
     """
-    if not (isinstance(refine_steps, int) and refine_steps >= 0):
+    if not (_is_int(refine_steps) and refine_steps >= 0):
         raise AddClassError(f'refine_steps={refine_steps!r}: give an integer >= 0')
-    if not (isinstance(refine_lr, (int, float)) and 0 < refine_lr < float('inf')):
-        raise AddClassError(f'refine_lr={refine_lr!r}: give a finite number > 0')
+    if not (isinstance(refine_lr, (int, float)) and not isinstance(refine_lr, bool)
+            and 0 < refine_lr <= 1):
+        raise AddClassError(f'refine_lr={refine_lr!r}: give a number in (0, 1] (Adam moves '
+                            'each parameter by about lr per step: above 1 the unit '
+                            'prototypes and offsets jump anywhere)')
+    if num_prototypes is not None and not (_is_int(num_prototypes) and num_prototypes >= 1):
+        raise AddClassError(f'num_prototypes={num_prototypes!r}: give an integer >= 1 (at '
+                            "most the head's K)")
     with torch.no_grad():
-        return _add_classes(model, list(names), supports, mask_values, palette, calibrate,
+        return _add_classes(model, names, supports, mask_values, palette, calibrate,
                             num_prototypes, seed, refine_steps, refine_lr, progress)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _add_classes(model, names, supports, mask_values, palette, calibrate, num_prototypes,
@@ -335,13 +383,26 @@ def _add_classes(model, names, supports, mask_values, palette, calibrate, num_pr
     classes = list(meta.get('classes') or [])
     head = getattr(model, 'decode_head', None)
     num_classes = getattr(head, 'num_classes', None)
+    if isinstance(names, str):
+        raise AddClassError(f'names={names!r}: give a list of class names, e.g. [{names!r}]')
+    names = list(names)
     _check_names(names, classes, num_classes, len(supports))
     mask_values = list(mask_values) if mask_values is not None else [None] * len(names)
     if len(mask_values) != len(names):
         raise AddClassError(f'{len(mask_values)} mask values for {len(names)} classes')
     if getattr(model, 'cfg', None) is None:
         raise AddClassError('the model has no cfg: build it with mmseg.apis.init_model')
-    head_adapter(model)  # refuse an unsupported head before reading anything
+    if palette is not None:
+        _check_palette(palette, len(names))
+    if head_adapter(model).method != 'prototypes' and num_prototypes is not None:
+        raise AddClassError(f'num_prototypes={num_prototypes}: only a ProtoHead has '
+                            f'prototypes; this {type(head).__name__} gets an imprinted '
+                            'conv_seg row (leave num_prototypes out)')
+    for name, support in zip(names, supports):
+        if isinstance(support, (str, np.ndarray)) or not len(support) or not all(
+                isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in support):
+            raise AddClassError(f'class {name!r}: its support must be a non-empty list of '
+                                '(image, mask) pairs')
     # Read every support file first: a bad one is refused before any work.
     read = [[read_support(img, mask, value) for img, mask in support]
             for support, value in zip(supports, mask_values)]
@@ -357,6 +418,9 @@ def _add_classes(model, names, supports, mask_values, palette, calibrate, num_pr
         feats, positives, knowns = [], [], []
         for img, positive, known in items:
             f, (p, k) = support_features(new, adapter, img, [positive, known])
+            if not bool(torch.isfinite(f).all()):
+                raise AddClassError(f'class {name!r}: a support image gives NaN or inf '
+                                    'features; give images with finite values in [0, 255]')
             feats.append(f), positives.append(p), knowns.append(k | p)
             done += 1
             if progress is not None:
@@ -459,12 +523,17 @@ def _check_names(names: List[str], classes: List[str], num_classes: Optional[int
     if num_supports != len(names):
         raise AddClassError(f'{num_supports} support lists for {len(names)} class names: '
                             'give one list of (image, mask) pairs per name')
-    if num_classes is not None and classes and len(classes) != num_classes:
+    if not classes:
+        raise AddClassError("the model's dataset_meta names no classes: load a checkpoint "
+                            "that has them, or set model.dataset_meta = dict(classes=..., "
+                            'palette=...) first')
+    if num_classes is not None and len(classes) != num_classes:
         raise AddClassError(f"the model's dataset_meta names {len(classes)} classes but its "
                             f'head has {num_classes}')
     for i, name in enumerate(names):
-        if not isinstance(name, str) or not name.strip():
-            raise AddClassError(f'class name {name!r}: give a non-empty string')
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise AddClassError(f'class name {name!r}: give a non-empty string without '
+                                'leading or trailing spaces')
         if name in classes or name in names[:i]:
             raise AddClassError(f'{name!r} is already a class of this model; give another '
                                 'name')
@@ -532,11 +601,21 @@ def _extend_meta(model: nn.Module, meta: Dict[str, Any], classes: List[str],
     old_palette = [list(map(int, c)) for c in meta.get('palette') or []]
     if palette is None:
         palette = distinct_colours(old_palette, len(names))
-    if len(palette) != len(names):
-        raise AddClassError(f'{len(palette)} colours for {len(names)} classes')
+    _check_palette(palette, len(names))
     meta['classes'] = tuple(classes) + tuple(names)
     meta['palette'] = old_palette + [list(map(int, c)) for c in palette]
     model.dataset_meta = meta
+
+
+def _check_palette(palette: Sequence[Sequence[int]], n: int) -> None:
+    """AddClassError unless ``palette`` is ``n`` RGB colours of 3 integers in [0, 255]."""
+    if isinstance(palette, str) or len(palette) != n:
+        raise AddClassError(f'palette {palette!r}: give {n} colour(s), one per new class')
+    for colour in palette:
+        if isinstance(colour, str) or len(colour) != 3 or not all(
+                _is_int(v) and 0 <= v <= 255 for v in colour):
+            raise AddClassError(f'palette colour {colour!r}: give 3 integers in [0, 255] '
+                                '(R, G, B)')
 
 
 def distinct_colours(used: Sequence[Sequence[int]], n: int, seed: int = 0) -> List[List[int]]:

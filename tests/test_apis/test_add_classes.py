@@ -332,3 +332,176 @@ def test_tool_refuses_bad_input_and_writes_nothing(protoseg, tmp_path):
     proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', user,
                     '--force')
     assert proc.returncode != 0 and 'not replacing it' in proc.stderr
+
+
+# ---------------------------------------------------------------- attack pass (issue 29)
+def test_calibrated_offset_with_ties_is_reachable():
+    """An offset admits all pixels of one t or none of them: with ties (identical support
+    pixels) the offset and its IoU are those of a cut between distinct t, never inside a
+    run of equal ones (which would admit nothing and report an IoU it never reaches)."""
+    for base, positive in (
+            (torch.ones(6, 1), torch.tensor([True, True, True, False, False, False])),
+            (torch.ones(6, 1), torch.tensor([False, False, False, True, True, True])),
+            (torch.tensor([[1.0], [1.0], [1.0], [1.0], [5.0]]),
+             torch.tensor([True, False, True, True, False]))):
+        new = torch.zeros(len(base))
+        offset, iou = calibrate_offset(new, base, positive, torch.ones(len(base), dtype=bool))
+        pred = new + offset > base[:, 0]
+        reached = float((pred & positive).sum() / (pred | positive).sum())
+        assert iou == pytest.approx(reached) and reached > 0, (offset, iou, reached)
+    assert offset == pytest.approx(3.0) and iou == pytest.approx(3 / 4)
+
+
+@pytest.mark.parametrize('case', ['k-float', 'k-bool', 'steps-bool', 'lr-huge', 'palette',
+                                  'names-str', 'empty-support', 'flat-support', 'name-space',
+                                  'no-classes', 'k-imprinting', 'nan-image'])
+def test_bad_options_are_refused_with_a_message(case, protoseg, parametric, tmp_path):
+    import copy
+    _, _, model = protoseg
+    image = car_images(1)[0]
+    support = support_of([image], tmp_path)
+    names, supports, kwargs = ['mystery'], [support], {}
+    message = {'k-float': 'num_prototypes=2.5', 'k-bool': 'num_prototypes=True',
+               'steps-bool': 'refine_steps=True', 'lr-huge': r'refine_lr=1000000.0',
+               'palette': r'palette colour \[300, 0, 0\]', 'names-str': 'list of class names',
+               'empty-support': 'non-empty list of', 'flat-support': 'non-empty list of',
+               'name-space': 'leading or trailing spaces', 'no-classes': 'names no classes',
+               'k-imprinting': 'only a ProtoHead has prototypes',
+               'nan-image': 'NaN or inf'}[case]
+    if case == 'k-float':
+        kwargs = dict(num_prototypes=2.5)
+    elif case == 'k-bool':
+        kwargs = dict(num_prototypes=True)
+    elif case == 'steps-bool':
+        kwargs = dict(refine_steps=True)
+    elif case == 'lr-huge':
+        kwargs = dict(refine_steps=5, refine_lr=1e6)
+    elif case == 'palette':
+        kwargs = dict(palette=[[300, 0, 0]])
+    elif case == 'names-str':
+        names = 'mystery'
+    elif case == 'empty-support':
+        supports = [[]]
+    elif case == 'flat-support':
+        supports = support  # one (image, mask) list, not one list per class
+    elif case == 'name-space':
+        names = ['car ']
+    elif case == 'no-classes':
+        model = copy.deepcopy(model)
+        del model.dataset_meta  # init_model without a checkpoint
+    elif case == 'k-imprinting':
+        model, kwargs = parametric[2], dict(num_prototypes=3)
+    elif case == 'nan-image':
+        img = mmcv.imread(image).astype(np.float32)
+        img[5, 5, 1] = np.nan
+        supports = [[(img, support[0][1])]]
+    with pytest.raises(AddClassError, match=message):
+        add_classes(model, names, supports, **kwargs)
+
+
+def test_image_and_mask_arrays_and_alpha_channels(protoseg, tmp_path):
+    """Arrays read like files: BGRA and grayscale images as LoadImageFromFile gives them
+    (alpha dropped, gray repeated); a mask with a constant alpha channel (an editor's
+    export) is its colour channels; a varying alpha is refused, not guessed."""
+    _, _, model = protoseg
+    image = car_images(1)[0]
+    (img_path, mask_path), = support_of([image], tmp_path)
+    img, mask = mmcv.imread(img_path), mmcv.imread(mask_path, 'unchanged')
+    ref, _ = add_classes(model, ['mystery'], [[(img, mask)]])
+    bgra = np.dstack([img, np.full(mask.shape, 7, np.uint8)])
+    rgba_mask = str(tmp_path / 'rgba.png')
+    mmcv.imwrite(np.dstack([mask, mask, mask, np.full(mask.shape, 255, np.uint8)]), rgba_mask)
+    got, _ = add_classes(model, ['mystery'], [[(bgra, rgba_mask)]])
+    torch.testing.assert_close(got.decode_head.prototypes, ref.decode_head.prototypes,
+                               rtol=0, atol=0)
+    gray = img[..., 1]
+    a, _ = add_classes(model, ['mystery'], [[(gray, mask)]])
+    b, _ = add_classes(model, ['mystery'], [[(np.repeat(gray[..., None], 3, 2), mask)]])
+    torch.testing.assert_close(a.decode_head.prototypes, b.decode_head.prototypes,
+                               rtol=0, atol=0)
+    varying = str(tmp_path / 'alpha.png')
+    mmcv.imwrite(np.dstack([mask, mask, mask, 255 - mask]), varying)
+    with pytest.raises(AddClassError, match='alpha'):
+        add_classes(model, ['mystery'], [[(img, varying)]])
+
+
+def test_head_with_one_prototype_per_class(tmp_path):
+    """K = 1: the new class gets one prototype, the normalised mean of its support
+    embeddings; the trained classes' logits are bit-identical."""
+    from mmseg.apis import init_model
+    from mmseg_proto.datasets import CamVidDataset
+    cfg = tmp_path / 'k1.py'
+    cfg.write_text(f'_base_ = [{PROTO_CFG!r}]\n'
+                   'model = dict(decode_head=dict(num_prototypes=1))\n')
+    torch.manual_seed(0)
+    model = init_model(str(cfg), None, device='cpu')
+    model.dataset_meta = dict(CamVidDataset.METAINFO)
+    new, report = add_classes(model, ['mystery'], [support_of(car_images(1), tmp_path)])
+    assert new.decode_head.prototypes.shape[:2] == (12, 1)
+    assert report.classes[0].prototypes == 1 and not report.classes[0].notes
+    torch.testing.assert_close(new.decode_head.prototypes[-1].norm(dim=-1), torch.ones(1))
+    assert torch.equal(_logits(model, VAL[0]), _logits(new, VAL[0])[:11])
+
+
+@pytest.fixture(scope='module')
+def added_twice(protoseg, tmp_path_factory):
+    """The tool run twice: C + 1 from the trained model, then C + 2 from what it wrote.
+    Returns (config, checkpoint) of the C + 2 model."""
+    cfg, ckpt, _ = protoseg
+    folder = tmp_path_factory.mktemp('twice')
+    pairs = support_of(car_images(2), folder)
+    lst = folder / 'support.txt'
+    lst.write_text(''.join(f'{i} {m}\n' for i, m in pairs))
+    for name, out in (('first', folder / 'one'), ('second', folder / 'two')):
+        proc = run_tool(cfg, ckpt, '--name', name, '--support', lst, '--out', out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        cfg, ckpt = str(out / osp.basename(cfg)), str(out / osp.basename(ckpt))
+    return cfg, ckpt
+
+
+def test_tool_adds_a_class_twice_keeping_the_trained_statistics(protoseg, added_twice):
+    """The second class's LayerNorm statistics are still the ORIGINAL trained classes'
+    (mask_norm_classes = 11, not 12): the 11 trained classes' logits bit-identical."""
+    from mmengine.config import Config
+    from mmseg.apis import init_model
+    cfg, ckpt = added_twice
+    head_cfg = Config.fromfile(cfg).model.decode_head
+    assert head_cfg.num_classes == 13 and head_cfg.mask_norm_classes == 11
+    loaded = init_model(cfg, ckpt, device='cpu')
+    assert loaded.decode_head.mask_norm.num_base == 11
+    assert list(loaded.dataset_meta['classes'][-2:]) == ['first', 'second']
+    logits = _logits(loaded, VAL[0])
+    assert logits.shape[0] == 13
+    assert torch.equal(logits[:11], _logits(protoseg[2], VAL[0]))
+
+
+def test_onnx_export_of_the_extended_model_matches_mmseg(added_twice, tmp_path):
+    """pytorch2onnx.py on the tool's written config and checkpoint (C + 2 classes, the
+    LayerNorm over the trained classes only): ONNX Runtime on a CamVid street image at its
+    size gives MMSeg's inference_model logits."""
+    pytest.importorskip('onnxruntime')
+    import importlib.util
+
+    from mmcv.transforms import LoadImageFromFile
+    from mmseg.apis import inference_model, init_model
+    cfg, ckpt = added_twice
+    spec = importlib.util.spec_from_file_location(
+        'pytorch2onnx', osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = str(tmp_path / 'extended.onnx')
+    verified = tool.main([cfg, ckpt, '--out', out, '--shape', '360', '480',
+                          '--verify', VAL[0]])
+    assert verified['max_abs_diff'] <= 1e-4 and verified['argmax_agreement'] >= 0.9999
+    import onnxruntime as ort
+    image = LoadImageFromFile()(dict(img_path=VAL[0]))['img']
+    assert image.shape == (360, 480, 3)
+    session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
+    got = session.run(['seg_logits'], {'image': image.transpose(2, 0, 1)[None].astype(
+        np.float32)})[0][0]
+    model = init_model(cfg, ckpt, device='cpu')
+    model.cfg.test_pipeline = [dict(type='LoadImageFromFile'), dict(type='PackSegInputs')]
+    expected = inference_model(model, VAL[0]).seg_logits.data.numpy()
+    assert got.shape == expected.shape == (13, 360, 480)
+    assert float((got.argmax(0) == expected.argmax(0)).mean()) >= 0.9999
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
