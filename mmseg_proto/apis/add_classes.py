@@ -576,11 +576,12 @@ def _extend_head(model: nn.Module, adapter: _HeadAdapter, pos_feats: Tensor, k_n
             conv.bias[:c] = old.bias
             conv.bias[c] = 0.0
         head.conv_seg = conv
-        head.out_channels = c + 1
         plain = float(old.bias.mean()) if old.bias is not None else 0.0
-    head.num_classes = c + 1
+    head.num_classes = head.out_channels = c + 1
     model.num_classes = c + 1
-    model.out_channels = c + 1
+    # One more channel than before: C + 1, or C + 2 for a ProtoEncoderDecoder with
+    # anomaly_map (its slide inference stitches the anomaly channel too).
+    model.out_channels = getattr(model, 'out_channels', c) + 1
     return plain
 
 

@@ -505,3 +505,19 @@ def test_onnx_export_of_the_extended_model_matches_mmseg(added_twice, tmp_path):
     assert got.shape == expected.shape == (13, 360, 480)
     assert float((got.argmax(0) == expected.argmax(0)).mean()) >= 0.9999
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_anomaly_map_model_with_slide_inference(protoseg, tmp_path):
+    """A ProtoEncoderDecoder with anomaly_map stitches C logits + 1 anomaly channel in
+    slide inference: after a class is added, C + 2 channels (not C + 1)."""
+    from mmseg.apis import inference_model, init_model
+    cfg, ckpt, _ = protoseg
+    model = init_model(cfg, ckpt, device='cpu', cfg_options={
+        'model.type': 'ProtoEncoderDecoder', 'model.anomaly_map': True,
+        'model.test_cfg': dict(mode='slide', crop_size=(160, 160), stride=(120, 120))})
+    new, _ = add_classes(model, ['mystery'], [support_of(car_images(1), tmp_path)])
+    assert new.out_channels == model.out_channels + 1 == 13
+    assert new.decode_head.out_channels == 12
+    before, after = inference_model(model, VAL[0]), inference_model(new, VAL[0])
+    assert after.seg_logits.data.shape[0] == 12 and after.anomaly_map.data.shape[0] == 1
+    assert torch.equal(before.seg_logits.data, after.seg_logits.data[:11])
