@@ -260,7 +260,7 @@ def place_prototypes(emb: Tensor, num_prototypes: int, rounds: int = 10,
     if num_prototypes == 1:
         return F.normalize(emb.mean(0, keepdim=True), dim=-1), 1
     if n <= num_prototypes:
-        return emb[torch.arange(num_prototypes) % n], n
+        return emb[torch.arange(num_prototypes) % n], _distinct(emb)
     g = torch.Generator().manual_seed(seed)
     protos = emb[torch.randperm(n, generator=g)[:num_prototypes].to(emb.device)].clone()
     labels = emb.new_zeros(n, dtype=torch.long)
@@ -271,7 +271,14 @@ def place_prototypes(emb: Tensor, num_prototypes: int, rounds: int = 10,
         counts = torch.bincount(assign, minlength=num_prototypes)
         filled = counts > 0
         protos[filled] = F.normalize(sums[filled], dim=-1)
-    return protos, num_prototypes
+    return protos, _distinct(protos)
+
+
+def _distinct(rows: Tensor) -> int:
+    """How many different rows ``rows`` holds, up to float rounding (identical support
+    pixels give one)."""
+    close = torch.cdist(rows.double(), rows.double()) < 1e-5
+    return sum(1 for i in range(len(rows)) if not bool(close[i, :i].any()))
 
 
 def imprint_weight(feats: Tensor, weight: Tensor) -> Tensor:

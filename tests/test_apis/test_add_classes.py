@@ -521,3 +521,12 @@ def test_anomaly_map_model_with_slide_inference(protoseg, tmp_path):
     before, after = inference_model(model, VAL[0]), inference_model(new, VAL[0])
     assert after.seg_logits.data.shape[0] == 12 and after.anomaly_map.data.shape[0] == 1
     assert torch.equal(before.seg_logits.data, after.seg_logits.data[:11])
+
+
+def test_identical_support_pixels_count_as_one_prototype():
+    """All support pixels the same embedding: the K prototypes placed coincide, and the
+    report says one distinct prototype, not K."""
+    emb = F.normalize(torch.randn(1, 8), dim=1).repeat(50, 1)
+    protos, distinct = place_prototypes(emb, 5)
+    assert distinct == 1 and protos.shape == (5, 8)
+    assert place_prototypes(emb[:3], 5)[1] == 1  # fewer pixels than K, all the same
