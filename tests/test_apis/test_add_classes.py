@@ -530,3 +530,44 @@ def test_identical_support_pixels_count_as_one_prototype():
     protos, distinct = place_prototypes(emb, 5)
     assert distinct == 1 and protos.shape == (5, 8)
     assert place_prototypes(emb[:3], 5)[1] == 1  # fewer pixels than K, all the same
+
+
+def test_label_map_void_is_neither_the_class_nor_known():
+    """With mask_value, a label map's 255 (void) pixels are unknown: not the class, and not
+    counted as 'not the class' by the calibration."""
+    from mmseg_proto.apis.add_classes import read_support
+    image = car_images(1)[0]
+    label = mmcv.imread(label_of(image), 'unchanged')
+    assert (label == 255).any() and (label == CAR).any()
+    _, positive, known = read_support(image, label_of(image), CAR)
+    np.testing.assert_array_equal(positive, label == CAR)
+    np.testing.assert_array_equal(known, label != 255)
+    _, positive, known = read_support(image, (label == CAR).astype(np.uint8) * 255)
+    assert known.all() and (positive == (label == CAR)).all()  # binary: every pixel known
+
+
+def test_model_with_an_auxiliary_head(tmp_path):
+    """The auxiliary head (training only; its classifier has the old classes) is dropped
+    from the model and its config: the written config builds a model whose tensors are
+    exactly the extended model's, and the original keeps its auxiliary head."""
+    from mmengine.config import Config
+    from mmseg.apis import init_model
+    from mmseg_proto.datasets import CamVidDataset
+    cfg = tmp_path / 'aux.py'
+    cfg.write_text(
+        f'_base_ = [{BASELINE_CFG!r}]\n'
+        "model = dict(auxiliary_head=dict(type='FCNHead', in_channels=160, in_index=2, "
+        'channels=16, num_convs=1, concat_input=False, num_classes=11, align_corners=False, '
+        "loss_decode=dict(type='CrossEntropyLoss', loss_weight=0.4)))\n")
+    torch.manual_seed(0)
+    model = init_model(str(cfg), None, device='cpu')
+    model.dataset_meta = dict(CamVidDataset.METAINFO)
+    new, _ = add_classes(model, ['mystery'], [support_of(car_images(1), tmp_path)])
+    assert model.auxiliary_head is not None and model.cfg.model.auxiliary_head is not None
+    assert new.auxiliary_head is None and new.cfg.model.auxiliary_head is None
+    written = str(tmp_path / 'written.py')
+    new.cfg.dump(written)
+    rebuilt = init_model(Config.fromfile(written), None, device='cpu')
+    assert not rebuilt.with_auxiliary_head
+    assert sorted(rebuilt.state_dict()) == sorted(new.state_dict())
+    assert rebuilt.decode_head.conv_seg.out_channels == 12
