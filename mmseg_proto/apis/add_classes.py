@@ -645,8 +645,9 @@ def distinct_colours(used: Sequence[Sequence[int]], n: int, seed: int = 0) -> Li
 
 
 def _extend_cfg(model: nn.Module, adapter: _HeadAdapter) -> None:
-    """``model.cfg``: the decode head's class count (and ``mask_norm_classes``); no
-    auxiliary head (inference never uses it, and its classifier has the old classes)."""
+    """``model.cfg``: the decode head's class count (and ``mask_norm_classes``, and
+    ``load_prototypes=True``: the checkpoint's prototypes are the model's); no auxiliary
+    head (inference never uses it, and its classifier has the old classes)."""
     cfg = model.cfg
     head_cfg = cfg.model.decode_head
     head_cfg.num_classes = model.decode_head.num_classes
@@ -654,6 +655,8 @@ def _extend_cfg(model: nn.Module, adapter: _HeadAdapter) -> None:
         head_cfg.out_channels = model.decode_head.num_classes
     if adapter.method == 'prototypes':
         head_cfg.mask_norm_classes = model.decode_head.mask_norm_classes
+        if head_cfg.get('load_prototypes') is False:  # a fine-tuning config: the written
+            head_cfg.load_prototypes = True  # checkpoint's prototypes are the model's
     if cfg.model.get('auxiliary_head') is not None:
         cfg.model.auxiliary_head = None
     if getattr(model, 'auxiliary_head', None) is not None:

@@ -571,3 +571,39 @@ def test_model_with_an_auxiliary_head(tmp_path):
     assert not rebuilt.with_auxiliary_head
     assert sorted(rebuilt.state_dict()) == sorted(new.state_dict())
     assert rebuilt.decode_head.conv_seg.out_channels == 12
+
+
+def test_tool_refuses_another_models_checkpoint(protoseg, parametric, tmp_path):
+    """The parametric baseline's checkpoint with the ProtoSeg config: init_model would leave
+    the ProtoHead (prototypes, LayerNorms) at its random initialisation with a warning;
+    the tool refuses and writes nothing."""
+    cfg, _, _ = protoseg
+    pairs = support_of(car_images(1), tmp_path)
+    lst = tmp_path / 'list.txt'
+    lst.write_text(''.join(f'{i} {m}\n' for i, m in pairs))
+    out = tmp_path / 'out'
+    proc = run_tool(cfg, parametric[1], '--name', 'mystery', '--support', lst, '--out', out)
+    assert proc.returncode != 0
+    assert 'does not fit the config' in proc.stderr and 'decode_head.prototypes' in proc.stderr
+    assert 'nothing was written' in proc.stderr
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_fine_tuning_config_is_written_to_load_its_prototypes(protoseg, tmp_path):
+    """A config with load_prototypes=False (fine-tuning) would make init_model drop the
+    written checkpoint's prototypes, the new class's included: the written config loads
+    them."""
+    import copy
+
+    from mmseg.apis import init_model
+    _, _, model = protoseg
+    model = copy.deepcopy(model)
+    model.cfg.model.decode_head.load_prototypes = False
+    new, _ = add_classes(model, ['mystery'], [support_of(car_images(1), tmp_path)])
+    assert new.cfg.model.decode_head.load_prototypes is True
+    cfg, ckpt = str(tmp_path / 'written.py'), str(tmp_path / 'written.pth')
+    new.cfg.dump(cfg)
+    torch.save(dict(meta=dict(dataset_meta=new.dataset_meta), state_dict=new.state_dict()),
+               ckpt)
+    loaded = init_model(cfg, ckpt, device='cpu')
+    assert torch.equal(loaded.decode_head.prototypes, new.decode_head.prototypes)

@@ -103,6 +103,24 @@ def output_folder(args, supports: list):
     return out, config_name, ckpt_name
 
 
+def check_loaded(model, checkpoint: str) -> None:
+    """SystemExit unless every tensor of ``model`` is the checkpoint's: ``init_model``
+    leaves a tensor the checkpoint lacks (another model's checkpoint) or has in another
+    shape (another class count) at its random initialisation with only a warning, and a
+    fine-tuning config (``load_prototypes=False``) keeps fresh prototypes."""
+    from mmseg_proto.utils.onnx_export import ExportError, load_trained_state
+    try:
+        load_trained_state(model, checkpoint)
+    except ExportError as err:
+        message = str(err).replace('ONNX export: ', '').replace(
+            'export with the config', 'give the config').replace(
+            'Export with the config', 'Give the config').replace(
+            'the export would', 'the new model would').replace(
+            'The export would', 'The new model would')
+        raise SystemExit(f'add_class: the checkpoint does not fit the config: {message}; '
+                         'nothing was written')
+
+
 def extended_dataset(dataset: dict, classes, palette) -> dict:
     """A val/test dataset config listing ``classes``: ``BaseSegDataset`` with the original
     type's file suffixes and ``reduce_zero_label`` (a dataset type's own class list cannot
@@ -133,6 +151,7 @@ def main(argv=None):
     from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
     with mmseg_proto_config_scope():
         model = init_model(args.config, args.checkpoint, device=args.device)
+    check_loaded(model, args.checkpoint)
     total = sum(len(s) for s in supports)
     print(f'add_class: embedding {total} support image(s)', flush=True)
     bar = ProgressBar(total)
