@@ -43,6 +43,10 @@ from camvid_benchmark import CLASSES, read_record, run_dir, write_json  # noqa: 
 
 BENCH = osp.join(REPO, 'benchmarks', 'camvid_benchmark.py')
 HEADS = ('protoseg', 'parametric')
+# The figure shows this row's first draw at this shot count.
+FIGURE_ROW = dict(protoseg='ProtoSeg, K clustered prototypes',
+                  parametric='parametric, imprinting')
+FIGURE_SHOTS = 5
 # row name -> (head, add_classes options)
 ROWS = {
     'ProtoSeg, K clustered prototypes': ('protoseg', dict()),
@@ -122,7 +126,8 @@ class ValCache:
         order = [c for c in range(len(CLASSES)) if c != held] + [held]
         remap[order] = np.arange(len(CLASSES))
         self.items = []
-        for img in sorted(glob.glob(osp.join(data_root, 'img_dir', 'val', '*.jpg'))):
+        self.images = sorted(glob.glob(osp.join(data_root, 'img_dir', 'val', '*.jpg')))
+        for img in self.images:
             ann = img.replace('img_dir', 'ann_dir')[:-4] + '.png'
             data = pipeline(dict(img_path=img))
             batch = model.data_preprocessor(dict(inputs=[data['inputs']],
@@ -133,18 +138,24 @@ class ValCache:
             label = remap[mmcv.imread(ann, flag='unchanged')]
             self.items.append((feats, batch['data_samples'], torch.from_numpy(label)))
 
+    def predict(self, model, adapter, index: int):
+        """(H, W) prediction of val image ``index`` through the model's head and MMSeg's
+        predict_by_feat + postprocess_result."""
+        import torch
+        feats, samples, _ = self.items[index]
+        with torch.no_grad():
+            seg = model.decode_head.predict_by_feat(adapter.logits(feats),
+                                                    [s.metainfo for s in samples])
+            pred = model.postprocess_result(seg, [s.clone() for s in samples])
+        return pred[0].pred_sem_seg.data[0]
+
     def confusion(self, model, adapter, num_classes: int):
-        """(C, C) confusion over val (rows: label, columns: prediction) through the
-        model's head and MMSeg's predict_by_feat + postprocess_result."""
+        """(C, C) confusion over val (rows: label, columns: prediction)."""
         import torch
         conf = torch.zeros(num_classes * num_classes, dtype=torch.long)
         with torch.no_grad():
-            for feats, samples, label in self.items:
-                logits = adapter.logits(feats)
-                metas = [s.metainfo for s in samples]
-                seg = model.decode_head.predict_by_feat(logits, metas)
-                pred = model.postprocess_result(seg, [s.clone() for s in samples])
-                pred = pred[0].pred_sem_seg.data[0]
+            for index, (_, _, label) in enumerate(self.items):
+                pred = self.predict(model, adapter, index)
                 valid = label != 255
                 conf += torch.bincount(label[valid].long() * num_classes + pred[valid],
                                        minlength=num_classes * num_classes)
@@ -190,6 +201,10 @@ def evaluate(work_dir: str, data_root: str, held: int, head: str, shots: list,
     out = dict(held_out=CLASSES[held], head=head, base=scores(base_conf, n - 1),
                base_per_class=ious(base_conf).tolist(), rows=[],
                support_pool=0, min_pixels=min_pixels)
+    # The README figure: the val image with the most pixels of the class, before and after.
+    figure_index = int(np.argmax([int((label == n - 1).sum()) for _, _, label in cache.items]))
+    figure = dict(image=cache.images[figure_index],
+                  base=cache.predict(model, adapter, figure_index))
     pool = support_pool(data_root, held, min_pixels)
     out['support_pool'] = len(pool)
     for row, (row_head, options) in ROWS.items():
@@ -209,8 +224,14 @@ def evaluate(work_dir: str, data_root: str, held: int, head: str, shots: list,
                            support_iou=report.classes[0].support_iou,
                            pixels=report.classes[0].pixels, **scores(conf, n - 1))
                 out['rows'].append(rec)
+                if row == FIGURE_ROW[head] and shot == FIGURE_SHOTS and d == 0:
+                    figure['added'] = cache.predict(added, head_adapter(added), figure_index)
                 print(f'[camvid_add_class] {CLASSES[held]} {row} {shot}-shot draw {d}: '
                       f'novel {rec["novel"]:.1f} base {rec["base"]:.1f}', flush=True)
+    if 'added' in figure:  # predictions in the renumbered order (the class last)
+        np.savez_compressed(osp.join(work_dir, 'figure.npz'), image=figure['image'],
+                            base=figure['base'].numpy().astype(np.uint8),
+                            added=figure['added'].numpy().astype(np.uint8))
     return out
 
 
@@ -295,6 +316,42 @@ def oracle_iou(path: str) -> dict:
     return out
 
 
+def write_figure(out: str, held: int, seed: int, path: str) -> None:
+    """One val image: the image, its labels, and each head's prediction before and after
+    the class is added (``figure.npz`` of both base runs), coloured with CamVid's palette."""
+    import mmcv
+    from mmseg_proto.datasets import CamVidDataset
+    palette = np.array(CamVidDataset.METAINFO['palette'] + [[0, 0, 0]] * 245, np.uint8)
+    order = np.array([c for c in range(len(CLASSES)) if c != held] + [held])
+    figs = {}
+    for head in HEADS:
+        f = osp.join(run_dir(out, f'{head} no-{CLASSES[held]}', seed), 'figure.npz')
+        if not osp.exists(f):
+            raise SystemExit(f'{f} is missing: evaluate both heads first')
+        figs[head] = np.load(f)
+    image = mmcv.imread(str(figs['protoseg']['image']))[..., ::-1]
+    label = mmcv.imread(str(figs['protoseg']['image']).replace('img_dir', 'ann_dir')[:-4]
+                        + '.png', flag='unchanged')
+    panels = [('image', image), ('labels', palette[label])]
+    for head in HEADS:
+        for when in ('base', 'added'):
+            name = f"{head}: {'before' if when == 'base' else 'after adding'} {CLASSES[held]}"
+            panels.append((name, palette[order[figs[head][when]]]))
+    h, w = image.shape[:2]
+    import cv2
+    canvas = np.full((2 * (h + 24), 3 * w + 8, 3), 255, np.uint8)
+    for i, (name, panel) in enumerate(panels):
+        r, c = divmod(i, 3)
+        y, x = r * (h + 24) + 24, c * (w + 4)
+        canvas[y:y + h, x:x + w] = panel
+        cv2.putText(canvas, name, (x + 4, y - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0),
+                    1, cv2.LINE_AA)
+    from mmseg_proto.utils.output_files import check_output_file
+    folder = check_output_file(path, 'camvid_add_class', dict(out=out))
+    with folder.atomic(osp.basename(path)) as tmp:
+        mmcv.imwrite(np.ascontiguousarray(canvas[..., ::-1]), tmp)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--data-root', default=os.environ.get(
@@ -313,6 +370,8 @@ def main():
     p.add_argument('--train-only', action='store_true',
                    help='train the base models, evaluate nothing')
     p.add_argument('--report-only', action='store_true')
+    p.add_argument('--figure', metavar='PNG',
+                   help='write the before/after figure of the first --held-out class')
     p.add_argument('--out', default=osp.join(REPO, 'benchmarks', 'results',
                                              'camvid_add_class'))
     args = p.parse_args()
@@ -362,6 +421,8 @@ def main():
             write_json(result, rec)
         if osp.exists(result):
             records.append(read_result(result, CLASSES[held], head))
+    if args.figure:
+        write_figure(args.out, CLASSES.index(args.held_out[0]), args.seeds[0], args.figure)
     if not records:
         return
     oracle = oracle_iou(osp.join(REPO, 'benchmarks', 'results', 'camvid_4000',
