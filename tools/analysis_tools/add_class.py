@@ -149,9 +149,10 @@ def main(argv=None):
     import mmseg_proto  # noqa: F401
     from mmseg_proto.apis import AddClassError, add_classes
     from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
-    with mmseg_proto_config_scope():
-        model = init_model(args.config, args.checkpoint, device=args.device)
+    with mmseg_proto_config_scope():  # checked on the CPU, where the checkpoint is read
+        model = init_model(args.config, args.checkpoint, device='cpu')
     check_loaded(model, args.checkpoint)
+    model = model.to(args.device)
     total = sum(len(s) for s in supports)
     print(f'add_class: embedding {total} support image(s)', flush=True)
     bar = ProgressBar(total)
