@@ -56,6 +56,14 @@ ROWS = {
     'ProtoSeg, one mean prototype, plain offset': ('protoseg',
                                                    dict(num_prototypes=1, calibrate=False)),
     'parametric, imprinting, plain bias': ('parametric', dict(calibrate=False)),
+    # Calibrated on the support pixels the class was placed from (the default, with
+    # several images, scores each image by the class placed from the others).
+    'ProtoSeg, K prototypes, in-sample offset': ('protoseg',
+                                                 dict(held_out_calibration=False)),
+    'ProtoSeg, one mean prototype, in-sample offset': (
+        'protoseg', dict(num_prototypes=1, held_out_calibration=False)),
+    'parametric, imprinting, in-sample bias': ('parametric',
+                                               dict(held_out_calibration=False)),
     # The same small refinement budget for both heads: 50 Adam steps (lr 0.01) on the new
     # class's own parameters over the support images.
     'ProtoSeg, K clustered prototypes, refined': ('protoseg', dict(refine_steps=50)),

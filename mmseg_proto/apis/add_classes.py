@@ -327,6 +327,7 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
                 palette: Optional[Sequence[Sequence[int]]] = None,
                 calibrate: bool = True, num_prototypes: Optional[int] = None,
                 seed: int = 0, refine_steps: int = 0, refine_lr: float = 0.01,
+                held_out_calibration: bool = True,
                 progress: Optional[Callable[[int], Any]] = None
                 ) -> Tuple[nn.Module, AddClassReport]:
     """A copy of ``model`` that also segments the classes ``names``.
@@ -343,6 +344,10 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
             [0, 255]) per new class. Default: colours not used by the model's palette.
         calibrate (bool): Set the new class's offset with :func:`calibrate_offset`
             (default). False: the mean of the trained classes' offsets (plain imprinting).
+        held_out_calibration (bool): With several support images, calibrate on the scores
+            the class gets on each image when it is placed from the other images only (the
+            scores of the pixels it was placed from are optimistic). False, or one image:
+            on the scores of the class placed from all of them. Default: True.
         num_prototypes (int, optional): ProtoHead only (refused for other heads):
             prototypes of the new class, at most the head's K (fewer are repeated).
             Default: K.
@@ -376,7 +381,8 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
                             "most the head's K)")
     with torch.no_grad():
         return _add_classes(model, names, supports, mask_values, palette, calibrate,
-                            num_prototypes, seed, refine_steps, refine_lr, progress)
+                            num_prototypes, seed, refine_steps, refine_lr, progress,
+                            held_out_calibration)
 
 
 def _is_int(value: Any) -> bool:
@@ -384,7 +390,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _add_classes(model, names, supports, mask_values, palette, calibrate, num_prototypes,
-                 seed, refine_steps, refine_lr, progress):
+                 seed, refine_steps, refine_lr, progress, held_out_calibration=True):
     start = time.perf_counter()
     meta = dict(getattr(model, 'dataset_meta', None) or {})
     classes = list(meta.get('classes') or [])
@@ -443,7 +449,17 @@ def _add_classes(model, names, supports, mask_values, palette, calibrate, num_pr
         base_logits = adapter.logits(_as_image(feats_all)).flatten(2)[0].T  # (N, C)
         offset_of = _extend_head(new, adapter, feats_all[pos_all], k_new, seed, info)
         scores = adapter.logits(_as_image(feats_all)).flatten(2)[0, -1]  # offset 0
-        if calibrate:
+        if calibrate and held_out_calibration and sum(int(p.any()) for p in positives) > 1:
+            # Each support image scored by the class placed from the other images only.
+            held = torch.cat([_held_out_scores(new, adapter, feats, positives, i, k_new, seed)
+                              for i in range(len(feats))])
+            info.offset, _ = calibrate_offset(held, base_logits, pos_all, torch.cat(knowns))
+            _place_last_class(new, adapter, feats_all[pos_all], k_new, seed)
+            pred_new = scores + info.offset > base_logits.max(dim=1).values
+            info.support_iou = float((pred_new & pos_all).sum() / (pred_new | pos_all).sum())
+            info.notes.append(f'offset from each of the {len(feats)} support images scored by '
+                              'the class placed from the others')
+        elif calibrate:
             info.offset, info.support_iou = calibrate_offset(
                 scores, base_logits, pos_all, torch.cat(knowns))
         else:
@@ -516,6 +532,30 @@ def refine_new_class(model: nn.Module, adapter: _HeadAdapter, feats: Tensor,
     if adapter.method == 'prototypes':
         with torch.no_grad():
             head.prototypes[c] = F.normalize(new_protos.detach(), dim=-1)
+
+
+@torch.no_grad()
+def _place_last_class(model: nn.Module, adapter: _HeadAdapter, pos_feats: Tensor,
+                      k_new: int, seed: int) -> None:
+    """Set the last class's prototypes (repeated up to the head's K) or imprinted row
+    from ``pos_feats``, as :func:`_extend_head` places them."""
+    head = model.decode_head
+    if adapter.method == 'prototypes':
+        placed, _ = place_prototypes(pos_feats, k_new, seed=seed)
+        k = head.prototypes.shape[1]
+        head.prototypes[-1] = placed[torch.arange(k) % k_new].to(head.prototypes)
+    else:
+        weight = head.conv_seg.weight
+        weight[-1] = imprint_weight(pos_feats, weight[:-1].flatten(1))[:, None, None]
+
+
+def _held_out_scores(model: nn.Module, adapter: _HeadAdapter, feats: List[Tensor],
+                     positives: List[Tensor], i: int, k_new: int, seed: int) -> Tensor:
+    """The last class's logits (offset 0) on support image ``i`` when it is placed from
+    the other images' pixels only."""
+    others = torch.cat([f[p] for j, (f, p) in enumerate(zip(feats, positives)) if j != i])
+    _place_last_class(model, adapter, others, k_new, seed)
+    return adapter.logits(_as_image(feats[i])).flatten(2)[0, -1]
 
 
 def _as_image(feats: Tensor) -> Tensor:

@@ -227,6 +227,38 @@ def test_refinement_moves_only_the_new_class(which, request, tmp_path):
                                    torch.ones(10))
 
 
+def test_held_out_calibration_by_hand(parametric, tmp_path):
+    """Two support images: each is scored by the row imprinted from the other one, and
+    the offset is the IoU-maximising one over both (computed here from the features);
+    the final row is imprinted from both."""
+    from mmseg_proto.apis.add_classes import head_adapter, read_support, support_features
+    _, _, model = parametric
+    support = support_of(car_images(2), tmp_path)
+    new, report = add_classes(model, ['mystery'], [support])
+    adapter = head_adapter(model)
+    feats, pos, known = [], [], []
+    for image, mask in support:
+        img, p, k = read_support(image, mask)
+        f, (p, k) = support_features(model, adapter, img, [p, k])
+        feats.append(f), pos.append(p), known.append(k | p)
+    weight, bias = model.decode_head.conv_seg.weight.flatten(1), model.decode_head.conv_seg.bias
+    scale = weight.norm(dim=1).mean()
+    held, base = [], []
+    for i in range(2):
+        other = feats[1 - i][pos[1 - i]]
+        row = other.mean(0) / other.mean(0).norm() * scale
+        held.append(feats[i] @ row)
+        base.append(feats[i] @ weight.T + bias)
+    offset, _ = calibrate_offset(torch.cat(held), torch.cat(base), torch.cat(pos),
+                                 torch.cat(known))
+    assert report.classes[0].offset == pytest.approx(offset, rel=1e-5, abs=1e-6)
+    both = torch.cat([f[p] for f, p in zip(feats, pos)]).mean(0)
+    torch.testing.assert_close(new.decode_head.conv_seg.weight[-1].flatten(),
+                               both / both.norm() * scale)
+    _, in_sample = add_classes(model, ['mystery'], [support], held_out_calibration=False)
+    assert in_sample.classes[0].offset != pytest.approx(offset)
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize('case', ['empty', 'size', 'name', 'vanishes', 'unreadable',
                                   'head', 'values'])
