@@ -327,7 +327,7 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
                 palette: Optional[Sequence[Sequence[int]]] = None,
                 calibrate: bool = True, num_prototypes: Optional[int] = None,
                 seed: int = 0, refine_steps: int = 0, refine_lr: float = 0.01,
-                held_out_calibration: bool = True,
+                held_out_calibration: bool = False,
                 progress: Optional[Callable[[int], Any]] = None
                 ) -> Tuple[nn.Module, AddClassReport]:
     """A copy of ``model`` that also segments the classes ``names``.
@@ -345,9 +345,9 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
         calibrate (bool): Set the new class's offset with :func:`calibrate_offset`
             (default). False: the mean of the trained classes' offsets (plain imprinting).
         held_out_calibration (bool): With several support images, calibrate on the scores
-            the class gets on each image when it is placed from the other images only (the
-            scores of the pixels it was placed from are optimistic). False, or one image:
-            on the scores of the class placed from all of them. Default: True.
+            the class gets on each image when it is placed from the other images only.
+            False (default), or one image: on the scores of the class placed from all of
+            them (measured better on CamVid at 5 and 10 shots, docs/add_class.md).
         num_prototypes (int, optional): ProtoHead only (refused for other heads):
             prototypes of the new class, at most the head's K (fewer are repeated).
             Default: K.
@@ -390,7 +390,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _add_classes(model, names, supports, mask_values, palette, calibrate, num_prototypes,
-                 seed, refine_steps, refine_lr, progress, held_out_calibration=True):
+                 seed, refine_steps, refine_lr, progress, held_out_calibration=False):
     start = time.perf_counter()
     meta = dict(getattr(model, 'dataset_meta', None) or {})
     classes = list(meta.get('classes') or [])

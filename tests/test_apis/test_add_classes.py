@@ -234,7 +234,7 @@ def test_held_out_calibration_by_hand(parametric, tmp_path):
     from mmseg_proto.apis.add_classes import head_adapter, read_support, support_features
     _, _, model = parametric
     support = support_of(car_images(2), tmp_path)
-    new, report = add_classes(model, ['mystery'], [support])
+    new, report = add_classes(model, ['mystery'], [support], held_out_calibration=True)
     adapter = head_adapter(model)
     feats, pos, known = [], [], []
     for image, mask in support:
@@ -255,7 +255,7 @@ def test_held_out_calibration_by_hand(parametric, tmp_path):
     both = torch.cat([f[p] for f, p in zip(feats, pos)]).mean(0)
     torch.testing.assert_close(new.decode_head.conv_seg.weight[-1].flatten(),
                                both / both.norm() * scale)
-    _, in_sample = add_classes(model, ['mystery'], [support], held_out_calibration=False)
+    _, in_sample = add_classes(model, ['mystery'], [support])  # the default
     assert in_sample.classes[0].offset != pytest.approx(offset)
 
 
