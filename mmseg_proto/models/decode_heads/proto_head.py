@@ -76,8 +76,9 @@ class ProtoHead(BaseDecodeHead):
             'huberized', as defined in :mod:`..utils.prototype_distance` (the paper's
             Table 5(d) names them without definitions). Other than 'cosine' runs the
             plain-autograd scores path.
-        huber_delta (float): Where the huberized distance turns from quadratic to linear
-            (unit vectors: distances in [0, 2]). Default: 1.0.
+        huber_delta (float): Where the huberized distance turns from quadratic to linear,
+            in (0, 2]: distances between unit vectors are at most 2, so a larger delta
+            leaves only a shrunk quadratic and is refused. Default: 1.0.
         reference_width_norm (bool): Reproduce the authors' code, which L2-normalises the
             projection output over the image *width* axis before ``feat_norm``. Only for
             running converted authors' checkpoints. Default: False.
