@@ -639,3 +639,14 @@ def test_fine_tuning_config_is_written_to_load_its_prototypes(protoseg, tmp_path
                ckpt)
     loaded = init_model(cfg, ckpt, device='cpu')
     assert torch.equal(loaded.decode_head.prototypes, new.decode_head.prototypes)
+
+
+@pytest.mark.parametrize('device, message', [('cuda', 'sees no CUDA device'),
+                                             ('gpu0', 'is not a device')])
+def test_tool_refuses_a_device_it_cannot_use(device, message, tmp_path):
+    if device == 'cuda' and torch.cuda.is_available():
+        pytest.skip('a CUDA device is present')
+    proc = run_tool(PROTO_CFG, tmp_path / 'ck.pth', '--name', 'x', '--support',
+                    tmp_path / 'l.txt', '--out', tmp_path / 'out', '--device', device)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / 'out').exists()

@@ -51,6 +51,13 @@ def parse_args(argv=None):
                 'one list per name')
     if args.mask_value is not None and len(args.mask_value) != len(args.name):
         p.error(f'{len(args.name)} --name but {len(args.mask_value)} --mask-value')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f'--device {args.device!r} is not a device (e.g. cpu, cuda, cuda:1)')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        p.error(f'--device {args.device}: this torch sees no CUDA device; use --device cpu '
+                '(adding a class takes seconds on a CPU)')
     return args
 
 
