@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..models.utils.prototype_index import buffer_index
+from ..models.utils.prototype_similarity import buffer_index
 from ..models.utils.prototype_scorer import PrototypeScorer
 from ..models.utils.prototype_statistics import prototype_health
 

@@ -102,7 +102,7 @@ def test_hook_reseeds_every_interval_and_logs_it():
     reseeded = runner.message_hub.get_scalar('train/proto_reseeded').current()
     assert reseeded == moved.sum() >= 1
     assert (moved.sum(dim=1) <= 1).all()  # at most one per class per window
-    assert head.bank.resume_state()['window'] is None and hook.window_updates == 0
+    assert head.bank.resume_state()['window'] is None and head.bank.window_steps == 0
 
 
 def test_no_reseeding_in_the_last_window():
@@ -323,7 +323,7 @@ def test_non_finite_statistics_on_another_process_skip_the_update_everywhere(
         expected[cls, nearest[cls].argmin()] = \
             outliers[cls] / outliers[cls].norm()
     torch.testing.assert_close(after[1][0], expected)
-    assert all(h.window_updates == 0 for h in hooks)
+    assert all(h.bank.window_steps == 0 for h in heads)
     assert all(h.bank.resume_state()['window'] is None for h in heads)
 
 
@@ -367,7 +367,7 @@ def test_checkpoint_holds_window_pending_statistics_and_gradients():
     loaded = torch.load(buffer, weights_only=True)
     assert loaded['prototype_update_hook']['iter'] == 3
     head2, hook2, runner2 = resumed_hook(loaded)
-    assert hook2.window_updates == hook.window_updates == 1
+    assert head2.bank.window_steps == head.bank.window_steps == 1
     state, state2 = head.bank.resume_state(), head2.bank.resume_state()
     assert state['window'] is not None and state['pending']['usage'] is not None
     assert tensor_values(state2) == tensor_values(state)
@@ -385,7 +385,7 @@ def test_old_checkpoints_and_load_from_restore_nothing():
     old = {k: v for k, v in checkpoint.items() if k != 'prototype_update_hook'}
     head, hook, runner = resumed_hook(old)
     assert head.bank.resume_state() == dict(window=None, pending=None)
-    assert hook.window_updates == 0
+    assert head.bank.window_steps == 0
     assert 'holds no re-seeding window' in runner.logger.infos[0]
     # load_from without resume (iteration 0): a new run, nothing restored.
     head, hook, runner = resumed_hook(checkpoint, iteration=0)
@@ -398,7 +398,7 @@ def test_pending_step_is_dropped_where_the_resumed_run_ends_a_step():
     head, hook, runner = resumed_hook(checkpoint, accumulate=3)
     state = head.bank.resume_state()
     assert state['pending'] is None and state['window'] is not None
-    assert hook.window_updates == 1
+    assert head.bank.window_steps == 1
     assert all(p.grad is None for p in runner.model.parameters())
     assert 'dropped' in runner.logger.warnings[0]
 

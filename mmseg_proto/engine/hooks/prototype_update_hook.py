@@ -5,7 +5,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmseg.registry import HOOKS
 
-from ...models.utils.proto_head_options import check_options, is_int, is_real
+from ...models.decode_heads.proto_head_options import check_options, is_int, is_real
 from ...models.utils.prototype_bank import PrototypeBank
 from .optimizer_steps import optimizer_stepped, optimizer_steps_left
 from .resume_state import STATE_KEY, load_state, save_state
@@ -81,58 +81,52 @@ class PrototypeUpdateHook(Hook):
         self.reseed_interval, self.reseed_min_share = reseed_interval, float(reseed_min_share)
         if priority is not None:
             self.priority = priority
-        self.banks: List[PrototypeBank] = []  # the model's, found in before_train
-        self.window_updates = 0  # optimizer steps in the current re-seeding window
+        self.banks: List[PrototypeBank] = []  # the model's, found in before_run
         self._loaded: Optional[Dict[str, Any]] = None  # the last loaded checkpoint's
         self._checkpoint_loaded = False
+
+    def before_run(self, runner) -> None:
+        """Give every bank its re-seeding window, once, before a checkpoint loads."""
+        self.banks = _banks(runner)
+        for bank in self.banks:
+            bank.schedule_reseeding(self.reseed_interval)
 
     def before_train(self, runner) -> None:
         check_ema_hooks(runner)
         self.banks = _banks(runner)
         for bank in self.banks:  # in case the checkpoint held no prototypes
             bank.expect_resume(False)
+            bank.schedule_reseeding(self.reseed_interval)
         if not self.banks:
             runner.logger.warning(f'{NAME}: the model has no ProtoHead; the hook does nothing.')
-        for bank in self.banks:
-            bank.request(usage=self.reseed_interval > 0)
         if self._checkpoint_loaded and runner.iter > 0:  # resumed, not load_from
-            self.window_updates = load_state(runner, self.banks, self._loaded,
-                                             self.reseed_interval > 0)
+            load_state(runner, self.banks, self._loaded)
         self._loaded, self._checkpoint_loaded = None, False
-
-    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        for bank in self.banks:  # the Sinkhorn diagnostics cost a little: when logged
-            bank.request(assignments=self._log_now(runner))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
         """Every bank adds this iteration's statistics to the optimizer step's and, after
-        the step, applies them; every ``reseed_interval`` steps, re-seeding."""
+        the step, applies them; at the end of a re-seeding window, re-seeding."""
         stepped = optimizer_stepped(runner)
         for i, bank in enumerate(self.banks):
-            if not (bank.accumulate() and stepped):
-                continue
-            diagnostics = bank.apply(diagnostics=self._log_now(runner))
-            if diagnostics is None:
-                runner.logger.warning(f'{NAME}: non-finite embeddings at iteration '
-                                      f'{runner.iter + 1}; prototype update skipped.')
-            else:
-                self._log(runner, i, diagnostics)
-        if stepped and self.reseed_interval:
-            self.window_updates += 1
-            if self.window_updates >= self.reseed_interval:
-                self._end_window(runner)
+            if bank.accumulate() and stepped:
+                diagnostics = bank.apply(diagnostics=self._log_now(runner))
+                if diagnostics is None:
+                    runner.logger.warning(f'{NAME}: non-finite embeddings at iteration '
+                                          f'{runner.iter + 1}; prototype update skipped.')
+                else:
+                    self._log(runner, i, diagnostics)
+            if stepped and bank.end_step():
+                self._end_window(runner, i, bank)
 
-    def _end_window(self, runner) -> None:
+    def _end_window(self, runner, i: int, bank: PrototypeBank) -> None:
         """Re-seed, except in the last window of training (see the class doc)."""
-        self.window_updates = 0
         left = optimizer_steps_left(runner)
-        last = left is not None and left < self.reseed_interval
-        for i, bank in enumerate(self.banks):
-            reseeded = None if last else bank.reseed(self.reseed_min_share)
+        if left is not None and left < self.reseed_interval:
             bank.clear_window()
-            if reseeded is None:
-                continue
+            return
+        reseeded = bank.reseed(self.reseed_min_share)
+        if reseeded is not None:
             runner.message_hub.update_scalar(f'{_tag(i)}_reseeded', float(len(reseeded)))
             if reseeded:
                 names = _class_names(runner, bank.prototypes.shape[0])
@@ -154,7 +148,7 @@ class PrototypeUpdateHook(Hook):
                 step=runner.iter + 1)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        save_state(runner, self.banks, self.window_updates, checkpoint)
+        save_state(runner, self.banks, checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Keep the saved state; ``before_train`` restores it if the run resumes. mmengine

@@ -44,31 +44,26 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def save_state(runner, banks: List[PrototypeBank], window_updates: int,
-               checkpoint: dict) -> None:
+def save_state(runner, banks: List[PrototypeBank], checkpoint: dict) -> None:
     """Add the entry for this run's ``banks`` to ``checkpoint`` (see the module doc)."""
     states = [bank.resume_state() for bank in banks]
     checkpoint[STATE_KEY] = dict(
         version=STATE_VERSION,
         iter=int((checkpoint.get('meta') or {}).get('iter', runner.iter + 1)),
-        window_updates=window_updates,
+        window_updates=banks[0].window_steps if banks else 0,
         window={i: s['window'] for i, s in enumerate(states) if s['window'] is not None},
         pending={i: s['pending'] for i, s in enumerate(states) if s['pending'] is not None},
         gradients=None if optimizer_stepped(runner) else accumulated_gradients(runner, OWNER))
 
 
-def load_state(runner, banks: List[PrototypeBank], state: Optional[dict],
-               reseed: bool) -> int:
-    """Restore a resumed checkpoint's entry into ``banks`` and the model's gradients.
+def load_state(runner, banks: List[PrototypeBank], state: Optional[dict]) -> None:
+    """Restore a resumed checkpoint's entry into ``banks`` (the window only where the bank
+    re-seeds, :meth:`PrototypeBank.schedule_reseeding`) and the model's gradients.
 
     Args:
         runner: The runner, at the resumed iteration.
         banks (list[PrototypeBank]): The model's banks.
         state (dict, optional): The entry; None for a checkpoint written without it.
-        reseed (bool): Whether this run re-seeds (else the window is not restored).
-
-    Returns:
-        int: The optimizer steps already in the current re-seeding window.
 
     Raises:
         ValueError: The entry does not fit this model or run (says what to do).
@@ -78,7 +73,7 @@ def load_state(runner, banks: List[PrototypeBank], state: Optional[dict],
             f'{OWNER}: the resumed checkpoint holds no re-seeding window or pending '
             'statistics (written by an earlier version): the re-seeding window restarts '
             f'at iteration {runner.iter}.')
-        return 0
+        return
     problem = _state_problem(state, len(banks), runner.iter)
     if problem is not None:
         raise ValueError(
@@ -93,15 +88,15 @@ def load_state(runner, banks: List[PrototypeBank], state: Optional[dict],
             'in this run: its pending prototype statistics and gradients are dropped.')
     for i, bank in enumerate(banks):
         try:
-            bank.restore(state['window'].get(i) if reseed else None,
-                         state['pending'].get(i) if mid_step else None)
+            bank.restore(state['window'].get(i) if bank.reseed_interval else None,
+                         state['pending'].get(i) if mid_step else None,
+                         state['window_updates'] if bank.reseed_interval else 0)
         except ValueError as err:
             raise ValueError(
                 f"{OWNER}: cannot restore ProtoHead {i}'s state from the resumed "
                 f"checkpoint's '{STATE_KEY}' entry: {err}. {WHAT_TO_DO}") from err
     if mid_step and state['gradients']:
         restore_gradients(runner, state['gradients'], OWNER, WHAT_TO_DO)
-    return state['window_updates'] if reseed else 0
 
 
 def _state_problem(state: Any, num_banks: int, iteration: int) -> Optional[str]:

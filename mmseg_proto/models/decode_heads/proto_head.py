@@ -10,15 +10,13 @@ from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, OptConfigType, SampleList
 from torch import Tensor
 
-from ..utils.l2_normalize import l2_normalize
-from ..utils.proto_head_options import (HEAD_RULES, check_decoder, check_embed_dims,
-                                        check_mask_norm_classes, check_options,
-                                        check_out_channels, check_similarity_chunk,
-                                        split_losses)
+from ..utils.autograd_functions import l2_normalize
 from ..utils.prototype_bank import PrototypeBank
-from ..utils.prototype_index import similarity_column
-from ..utils.prototype_scorer import PrototypeScorer
+from ..utils.prototype_scorer import PrototypeScorer, TrainingScores
 from ..utils.sinkhorn import sinkhorn_knopp
+from .proto_head_options import (HEAD_RULES, check_decoder, check_embed_dims,
+                                 check_mask_norm_classes, check_options, check_out_channels,
+                                 check_similarity_chunk, split_losses)
 
 DEFAULT_LOSSES = (dict(type='CrossEntropyLoss', loss_weight=1.0),
                   dict(type='PixelPrototypeContrastLoss', loss_weight=0.01),
@@ -73,7 +71,7 @@ class ProtoHead(BaseDecodeHead):
             e.g. ADE20K-full 847 x 10). Needs the standard PPC/PPD losses and the cosine.
         distance (str): Pixel-prototype measure of the class scores, the clustering and
             the losses: 'cosine' (the paper's; default), 'standard' (Euclidean) or
-            'huberized', as defined in :mod:`..utils.prototype_distance` (the paper's
+            'huberized', as defined in :mod:`..utils.prototype_similarity` (the paper's
             Table 5(d) names them without definitions). Other than 'cosine' runs the
             plain-autograd scores path.
         huber_delta (float): Where the huberized distance turns from quadratic to linear,
@@ -218,27 +216,28 @@ class ProtoHead(BaseDecodeHead):
 
     def loss(self, inputs: Sequence[Tensor], batch_data_samples: SampleList,
              train_cfg: ConfigType) -> Dict[str, Tensor]:
-        """Losses for one batch; hands the batch's prototype statistics to the bank."""
+        """Losses for one batch: score the pixels against the prototypes, cluster each
+        class's pixels onto its prototypes, compute the losses, hand the bank its batch."""
         seg_label = self._stack_batch_gt(batch_data_samples)
         self._check_labels(seg_label)
         emb = self.embed(inputs)  # (B, H, W, D) unit vectors
-        flat_emb = emb.reshape(-1, emb.shape[-1])
         labels = F.interpolate(seg_label.float(), size=emb.shape[1:3],
                                mode='nearest').long().view(-1)
-        valid = torch.nonzero(labels != self.ignore_index).squeeze(1)
-        scores = self.scorer.training_scores(flat_emb, self.prototypes, labels, valid)
-        assign, transport = sinkhorn_knopp(
-            scores.own, labels[valid], self.num_classes, self.sinkhorn_epsilon,
-            self.sinkhorn_iters, distributed=self.sync_sinkhorn,
-            return_transport=self.bank.wants_assignments)
-        targets = torch.full_like(labels, -1)  # -1: ignored, never a column
-        targets[valid] = similarity_column(labels[valid], assign, self.num_classes)
-        class_scores, proto_losses = scores.finish(targets, self.loss_proto, valid.numel())
+        scores = self.scorer.training_scores(emb.reshape(-1, emb.shape[-1]), self.prototypes,
+                                             labels, self.ignore_index)
+        assigned, transport = self._cluster(scores)
+        class_scores, proto_losses = scores.finish(assigned, self.loss_proto)
         pred, losses = self._losses(class_scores.view(*emb.shape[:3], -1), proto_losses,
                                     batch_data_samples)
-        self.bank.collect(flat_emb, labels[valid], valid, pred, assign, scores.own,
-                          transport)
+        self.bank.collect(scores.batch(pred, assigned, transport))
         return losses
+
+    def _cluster(self, scores: TrainingScores) -> Tuple[Tensor, Tensor]:
+        """Sinkhorn-Knopp: each labelled pixel's prototype (Nv,) and the soft assignment
+        (Nv, K), within its class, balanced over the class's K prototypes."""
+        return sinkhorn_knopp(scores.own, scores.labels, self.num_classes,
+                              self.sinkhorn_epsilon, self.sinkhorn_iters,
+                              distributed=self.sync_sinkhorn)
 
     def _losses(self, class_scores: Tensor, proto_losses: Sequence[Tensor],
                 batch_data_samples: SampleList) -> Tuple[Tensor, Dict[str, Tensor]]:

@@ -19,7 +19,7 @@ class PixelPrototypeContrastLoss(PrototypeLoss):
 
     Targets are the column of the assigned prototype in ``proto_logits``,
     in ``[0, C * K)`` (ProtoHead orders columns ``k * C + c``, see
-    :mod:`mmseg_proto.models.utils.prototype_index`); a target
+    :mod:`mmseg_proto.models.utils.prototype_similarity`); a target
     below 0 marks a pixel to ignore. No target value can collide with a
     segmentation ignore label such as 255, whatever ``C * K`` is.
 

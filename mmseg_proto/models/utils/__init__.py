@@ -1,9 +1,15 @@
-from .fused_prototype_scores import FusedPrototypeScores
-from .l2_normalize import L2Normalize, l2_normalize
+from .autograd_functions import (ChunkedPrototypeScores, FusedPrototypeScores,
+                                 L2Normalize, l2_normalize)
 from .prototype_bank import PrototypeBank
 from .prototype_scorer import PrototypeScorer
-from .prototype_statistics import PrototypeStatistics
+from .prototype_similarity import (DISTANCES, buffer_index, prototype_matrix,
+                                   similarity_column, similarity_from_cosine,
+                                   similarity_slabs)
+from .prototype_statistics import PrototypeBatch, PrototypeStatistics, prototype_health
 from .sinkhorn import sinkhorn_knopp
 
-__all__ = ['FusedPrototypeScores', 'PrototypeBank', 'PrototypeScorer', 'PrototypeStatistics',
-           'L2Normalize', 'l2_normalize', 'sinkhorn_knopp']
+__all__ = ['ChunkedPrototypeScores', 'FusedPrototypeScores', 'L2Normalize', 'l2_normalize',
+           'PrototypeBank', 'PrototypeScorer', 'DISTANCES', 'buffer_index',
+           'prototype_matrix', 'similarity_column', 'similarity_from_cosine',
+           'similarity_slabs', 'PrototypeBatch', 'PrototypeStatistics', 'prototype_health',
+           'sinkhorn_knopp']

@@ -8,8 +8,8 @@ from mmengine.logging import print_log
 from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
-from .prototype_statistics import (PrototypeStatistics, assignment_diagnostics,
-                                   batch_statistics)
+from .prototype_statistics import (PrototypeBatch, PrototypeStatistics,
+                                   assignment_diagnostics, batch_statistics)
 
 HOOK_HINT = ("add the prototype update hook to the config: "
              "custom_hooks = [dict(type='PrototypeUpdateHook')]")
@@ -34,9 +34,10 @@ class PrototypeBank(nn.Module):
 
     Owns the (C, K, D) ``prototypes`` buffer (``prototypes[c, k]``: prototype k of class
     c) and its life: initialisation (truncated normal, normalised); :meth:`collect`, one
-    batch's statistics from what ``ProtoHead.loss`` hands over (per prototype, the sum and
-    count of the embeddings of the correctly classified pixels assigned to it, plus the
-    usage re-seeding needs and the Sinkhorn diagnostics when :meth:`request` asked);
+    batch's statistics from the :class:`~.prototype_statistics.PrototypeBatch` that
+    ``ProtoHead.loss`` hands over (per prototype, the sum and count of the embeddings of the
+    correctly classified pixels assigned to it, the Sinkhorn diagnostics, and the usage
+    re-seeding needs when :meth:`schedule_reseeding` set a window);
     :meth:`accumulate`, their sum over processes and over the iterations of one optimizer
     step; :meth:`apply`, after the optimizer step, the momentum update
     ``p <- normalise(mu * p + (1 - mu) * normalise(sum))`` of every prototype with a count
@@ -44,8 +45,9 @@ class PrototypeBank(nn.Module):
     checkpoints; :meth:`resume_state` / :meth:`restore`, what exact resume needs.
 
     :class:`~mmseg_proto.engine.hooks.PrototypeUpdateHook` says when (accumulate every
-    iteration, apply after each optimizer step, re-seed every ``reseed_interval`` steps)
-    and logs; without it the next :meth:`collect` raises. The buffer is left out of this
+    iteration, apply after each optimizer step, and at the end of each re-seeding window,
+    which the bank counts, re-seed unless training ends within the next window) and logs;
+    without it the next :meth:`collect` raises. The buffer is left out of this
     module's own state dict: ProtoHead saves and loads it under ``prototypes``, the key of
     every ProtoSeg checkpoint.
 
@@ -68,7 +70,8 @@ class PrototypeBank(nn.Module):
         self.register_buffer('prototypes', F.normalize(prototypes, dim=-1), persistent=False)
         self.momentum = momentum
         self.load_prototypes = load_prototypes
-        self._usage = self._assignments = False  # what collect adds (request)
+        self.reseed_interval = 0  # optimizer steps per re-seeding window (0: none)
+        self.window_steps = 0  # optimizer steps so far in the current window
         self._batch: Optional[PrototypeStatistics] = None  # the last batch's
         self._step: Optional[PrototypeStatistics] = None  # the optimizer step's, summed
         self._window: Optional[Dict[str, Tensor]] = None  # usage over the re-seeding window
@@ -83,30 +86,23 @@ class PrototypeBank(nn.Module):
         """Drop the collected and accumulated statistics (a forward that trained nothing)."""
         self._batch = self._step = None
 
-    @property
-    def wants_assignments(self) -> bool:
-        """Whether :meth:`collect` wants Sinkhorn's soft assignment (``transport``)."""
-        return self._assignments
+    def schedule_reseeding(self, interval: int) -> None:
+        """Re-seed every ``interval`` optimizer steps (0: never; the default): from now on
+        :meth:`collect` adds the usage statistics a window needs, and :meth:`end_step`
+        counts the window's steps. Set once per run, before its checkpoint loads."""
+        self.reseed_interval = interval
+        if not interval:
+            self._window, self.window_steps = None, 0
 
-    def request(self, usage: Optional[bool] = None,
-                assignments: Optional[bool] = None) -> None:
-        """Choose what :meth:`collect` adds to the sums and counts from now on (None:
-        unchanged): the ``usage`` re-seeding needs, the Sinkhorn diagnostics."""
-        self._usage = self._usage if usage is None else usage
-        self._assignments = self._assignments if assignments is None else assignments
-
-    def collect(self, emb: Tensor, labels: Tensor, valid: Tensor, pred: Tensor,
-                assign: Tensor, own: Tensor, transport: Optional[Tensor]) -> None:
-        """Keep one training batch's statistics until :meth:`accumulate` (arguments: those
-        of :func:`~.prototype_statistics.batch_statistics`). Raises RuntimeError if the
-        previous batch's were never accumulated (no update hook)."""
+    def collect(self, batch: PrototypeBatch) -> None:
+        """Keep one training batch's statistics until :meth:`accumulate`. Raises
+        RuntimeError if the previous batch's were never accumulated (no update hook)."""
         if self._batch is not None:
             raise RuntimeError('ProtoHead: the prototype statistics of the previous training '
                                'iteration were never applied, so the prototypes would never '
                                f'be updated; {HOOK_HINT}')
-        self._batch = batch_statistics(emb, labels, valid, pred, assign, own, transport,
-                                       *self.prototypes.shape[:2], self._assignments,
-                                       self._usage)
+        self._batch = batch_statistics(batch, *self.prototypes.shape[:2],
+                                       usage=self.reseed_interval > 0)
 
     def accumulate(self) -> bool:
         """Sum the last batch's statistics over processes (one all-reduce; every process
@@ -176,6 +172,14 @@ class PrototypeBank(nn.Module):
         protos.index_copy_(0, idx, F.normalize(moved, dim=1))
         return counts > 0
 
+    def end_step(self) -> bool:
+        """Count one optimizer step of the re-seeding window; True when the window is
+        complete (then :meth:`reseed` or :meth:`clear_window`)."""
+        if not self.reseed_interval:
+            return False
+        self.window_steps += 1
+        return self.window_steps >= self.reseed_interval
+
     @torch.no_grad()
     def reseed(self, min_share: float) -> Optional[List[Tuple[int, int]]]:
         """End of a re-seeding window: move each class's least used prototype onto the
@@ -191,7 +195,7 @@ class PrototypeBank(nn.Module):
             list[tuple[int, int]] | None: (class, prototype) of each re-seeded one; None
             when the window is empty.
         """
-        window, self._window = self._window, None
+        window, self._window, self.window_steps = self._window, None, 0
         if window is None:
             return None
         c, k, _ = self.prototypes.shape
@@ -206,7 +210,7 @@ class PrototypeBank(nn.Module):
 
     def clear_window(self) -> None:
         """Drop the re-seeding window without re-seeding (the last one of training)."""
-        self._window = None
+        self._window, self.window_steps = None, 0
 
     def resume_state(self) -> Dict[str, Any]:
         """CPU copies of the re-seeding window (``window``) and of the statistics of an
@@ -216,9 +220,9 @@ class PrototypeBank(nn.Module):
             pending=None if self._step is None else self._step.state_dict())
 
     def restore(self, window: Optional[Dict[str, Tensor]] = None,
-                pending: Optional[Dict[str, Any]] = None) -> None:
+                pending: Optional[Dict[str, Any]] = None, window_steps: int = 0) -> None:
         """Inverse of :meth:`resume_state`, on the prototypes' device (pending usage only
-        if :meth:`request` asked for usage), after checking what a checkpoint holds:
+        if the bank re-seeds, :meth:`schedule_reseeding`), after checking what a checkpoint holds:
         float32 tensors of this bank's shapes, counts and weights never negative, and
         finite values, except in the statistics of a pending step whose embeddings were
         non-finite (``sums`` not finite: :meth:`apply` skips that step, as the run that
@@ -251,10 +255,11 @@ class PrototypeBank(nn.Module):
                     finite=bool(torch.isfinite(stats.sums).all()))
             if problem is not None:
                 raise ValueError(f'pending statistics {problem}')
-            stats.usage = stats.usage if self._usage else None
+            stats.usage = stats.usage if self.reseed_interval else None
             self._step = stats
         if window is not None:
             self._window = {key: v.to(self.prototypes.device) for key, v in window.items()}
+        self.window_steps = window_steps
 
     def expect_resume(self, resuming: bool = True) -> None:
         """Whether the next :meth:`load` is a ``--resume`` of the run that saved the

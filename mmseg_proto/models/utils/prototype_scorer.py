@@ -1,43 +1,203 @@
-"""PrototypeScorer: how similar a pixel is to each prototype, and to each class.
+"""PrototypeScorer: how similar a pixel is to each prototype and to each class, in training
+and at inference.
 
-The one place where ProtoSeg compares pixel embeddings with prototypes: the training step
-(:meth:`PrototypeScorer.training_scores`, the eager, fused or streamed implementation of
-:mod:`.prototype_scores`, chosen once from the head's options by
-:meth:`PrototypeScorer.from_options`), inference (:meth:`PrototypeScorer.class_cosines`, the
-running max over K slabs of C prototypes), the differentiable class scores of a forward
-with autograd (:meth:`PrototypeScorer.class_scores`) and the cosine of every pixel to every
-prototype (:meth:`PrototypeScorer.cosines`, for the visualisation, health and anomaly tools).
-The ``distance`` option lives here (:meth:`PrototypeScorer.similarity`).
+The one place where ProtoSeg compares pixel embeddings with prototypes (the measure and the
+prototype orders are in :mod:`.prototype_similarity`):
 
-Prototypes are always passed in as the (C, K, D) ``prototypes`` buffer of a
-:class:`~.prototype_bank.PrototypeBank`; the scorer holds no tensor.
+- the training step (:meth:`PrototypeScorer.training_scores`): one of three implementations
+  of the :class:`TrainingScores` contract below, chosen once from the head's options by
+  :meth:`PrototypeScorer.from_options`;
+- inference (:meth:`PrototypeScorer.class_cosines`): the running max over K slabs of C
+  prototypes, never the (pixels x C*K) matrix;
+- the differentiable class scores of a forward with autograd
+  (:meth:`PrototypeScorer.class_scores`) and the cosine of every pixel to every prototype
+  (:meth:`PrototypeScorer.cosines`, for the visualisation, health and anomaly tools).
+
+**The training contract.** A :class:`TrainingScores` is built from the flat embeddings
+(N, D), the prototype matrix (K*C, D) (rows ``k * C + c``) and the labels (N,); it gives
+
+- ``labels`` (Nv,) and ``own`` (Nv, K): the class of each labelled pixel and its detached
+  similarities to that class's K prototypes, what Sinkhorn clusters;
+- ``finish(assigned, loss_fns)``: once Sinkhorn has assigned each labelled pixel a
+  prototype, the class scores (N, C) (max over each class's K similarities;
+  differentiable) and each prototype loss's value;
+- ``batch(pred, assigned, transport)``: what the bank learns from the step, one
+  :class:`~.prototype_statistics.PrototypeBatch` over all N pixels.
+
+``EagerScores`` is plain autograd on the whole (N, K*C) matrix and calls the loss modules
+themselves (the reference; any prototype loss and distance). ``FusedScores`` and
+``StreamedScores`` compute the per-pixel PPC and PPD terms with the custom autograd
+functions of :mod:`.autograd_functions` (:class:`FusedPrototypeScores`: one buffer reused in
+place; :class:`ChunkedPrototypeScores`: blocks of pixels, recomputed in backward) and hand
+them to the loss modules' ``reduce``; they are tested against the modules' ``per_pixel``.
 """
-from typing import Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import PixelPrototypeContrastLoss
-from .proto_head_options import standard_prototype_losses
-from .prototype_distance import similarity_from_cosine
-from .prototype_index import prototype_matrix, similarity_slabs
-from .prototype_scores import (EagerScores, FusedScores, StreamedScores,
-                               TrainingScores)
+from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
+from .autograd_functions import ChunkedPrototypeScores, FusedPrototypeScores
+from .prototype_similarity import (prototype_matrix, similarity_column,
+                                   similarity_from_cosine, similarity_slabs)
+from .prototype_statistics import PrototypeBatch
 
 PATHS = ('eager', 'fused', 'streamed')
+
+
+def standard_prototype_losses(loss_proto: Sequence[nn.Module]) -> bool:
+    """Whether the prototype losses are at most one PPC and one PPD (what the fused and
+    streamed paths compute)."""
+    types = [type(m) for m in loss_proto]
+    return len(types) == len(set(types)) and set(types) <= {
+        PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss}
+
+
+class TrainingScores:
+    """The prototype-scores step of one training batch (see the module doc).
+
+    Args:
+        emb (Tensor): (N, D) unit pixel embeddings.
+        labels (Tensor): (N,) class of each pixel, ``ignore_index`` where unlabelled.
+        ignore_index (int): The label of unlabelled pixels.
+        num_classes (int): C.
+        num_prototypes (int): K.
+
+    Attributes:
+        labels (Tensor): (Nv,) class of each labelled pixel.
+        own (Tensor): (Nv, K) detached similarities of each labelled pixel to its class's
+            K prototypes, what Sinkhorn clusters.
+    """
+
+    own: Tensor
+
+    def __init__(self, emb: Tensor, labels: Tensor, ignore_index: int, num_classes: int,
+                 num_prototypes: int) -> None:
+        self.emb, self.c, self.k = emb, num_classes, num_prototypes
+        self.all_labels = labels
+        self.valid = torch.nonzero(labels != ignore_index).squeeze(1)
+        self.labels = labels[self.valid]
+
+    def finish(self, assigned: Tensor, loss_fns: Sequence) -> Tuple[Tensor, List[Tensor]]:
+        """After Sinkhorn: the class scores and each prototype loss's value.
+
+        Args:
+            assigned (Tensor): (Nv,) prototype (0..K-1) of each labelled pixel.
+            loss_fns (Sequence): The head's prototype loss modules.
+
+        Returns:
+            tuple[Tensor, list[Tensor]]: (N, C) class scores (max over each class's K
+            similarities; differentiable) and one loss value per module, in their order.
+        """
+        targets = torch.full_like(self.all_labels, -1)  # -1: ignored, never a column
+        targets[self.valid] = similarity_column(self.labels, assigned, self.c)
+        return self._finish(targets, loss_fns)
+
+    def _finish(self, targets: Tensor, loss_fns: Sequence) -> Tuple[Tensor, List[Tensor]]:
+        """:meth:`finish` from the (N,) similarity column of each pixel's prototype."""
+        raise NotImplementedError
+
+    def batch(self, pred: Tensor, assigned: Tensor,
+              transport: Optional[Tensor]) -> PrototypeBatch:
+        """What the bank learns from this step, over all N pixels.
+
+        Args:
+            pred (Tensor): Predicted class of each of the N pixels.
+            assigned (Tensor): (Nv,) Sinkhorn's prototype of each labelled pixel.
+            transport (Tensor, optional): (Nv, K) Sinkhorn's soft assignment.
+        """
+        return PrototypeBatch.from_labelled(self.emb.detach(), self.valid, self.labels,
+                                            pred.view(-1), assigned, self.own, transport)
+
+
+class EagerScores(TrainingScores):
+    """Plain autograd over the (N, K*C) similarities; calls the loss modules.
+
+    ``to_similarity`` maps the cosines to the similarity the head's ``distance`` option
+    names (:func:`.prototype_similarity.similarity_from_cosine`); None: the cosine."""
+
+    def __init__(self, emb: Tensor, protos: Tensor, labels: Tensor, ignore_index: int,
+                 num_classes: int, num_prototypes: int,
+                 to_similarity: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        super().__init__(emb, labels, ignore_index, num_classes, num_prototypes)
+        self.sims = F.linear(emb, protos)
+        if to_similarity is not None:
+            self.sims = to_similarity(self.sims)
+        self.own = similarity_slabs(self.sims.detach(), self.c, self.k)[self.valid, :,
+                                                                        self.labels]
+
+    def _finish(self, targets: Tensor, loss_fns: Sequence) -> Tuple[Tensor, List[Tensor]]:
+        class_scores = similarity_slabs(self.sims, self.c, self.k).max(dim=1).values
+        return class_scores, [fn(self.sims, targets) for fn in loss_fns]
+
+
+class ReducedScores(TrainingScores):
+    """The fused and streamed paths: per-pixel PPC and PPD terms (:meth:`terms`), reduced
+    by the loss modules (``reduce``)."""
+
+    def terms(self, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Class scores (N, C) and the per-pixel PPC and PPD terms (N,)."""
+        raise NotImplementedError
+
+    def _finish(self, targets: Tensor, loss_fns: Sequence) -> Tuple[Tensor, List[Tensor]]:
+        class_scores, terms = self.terms(targets)
+        return class_scores, [fn.reduce(terms[fn.term], self.valid.numel())
+                              for fn in loss_fns]
+
+
+class FusedScores(ReducedScores):
+    """:class:`FusedPrototypeScores`: one (N, K*C) buffer, the temperature folded into the
+    prototypes."""
+
+    def __init__(self, emb: Tensor, protos: Tensor, labels: Tensor, ignore_index: int,
+                 num_classes: int, num_prototypes: int, inv_temperature: float) -> None:
+        super().__init__(emb, labels, ignore_index, num_classes, num_prototypes)
+        self.inv_t = inv_temperature
+        self.scaled_protos = protos * inv_temperature if inv_temperature != 1.0 else protos
+        with torch.no_grad():  # FusedPrototypeScores differentiates it itself
+            self.scaled = F.linear(emb, self.scaled_protos)
+        own = similarity_slabs(self.scaled, self.c, self.k)[self.valid, :, self.labels]
+        self.own = own.mul_(1.0 / inv_temperature) if inv_temperature != 1.0 else own
+
+    def terms(self, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        class_scores, ppc, ppd = FusedPrototypeScores.apply(
+            self.emb, self.scaled, self.scaled_protos, targets, self.c, self.k, self.inv_t)
+        del self.scaled  # overwritten in place by FusedPrototypeScores
+        return class_scores, dict(ppc=ppc, ppd=ppd)
+
+
+class StreamedScores(ReducedScores):
+    """:class:`ChunkedPrototypeScores`: the similarities in blocks of ``chunk`` pixels."""
+
+    def __init__(self, emb: Tensor, protos: Tensor, labels: Tensor, ignore_index: int,
+                 num_classes: int, num_prototypes: int, inv_temperature: float,
+                 chunk: int) -> None:
+        super().__init__(emb, labels, ignore_index, num_classes, num_prototypes)
+        self.protos, self.inv_t = protos, inv_temperature
+        self.class_scores, self.lse, own = ChunkedPrototypeScores.apply(
+            emb, protos, labels.clamp(0, num_classes - 1), num_classes, num_prototypes,
+            inv_temperature, chunk)
+        self.own = own[self.valid]
+
+    def terms(self, targets: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        target_sim = (self.emb * self.protos[targets.clamp(min=0)]).sum(dim=1).float()
+        inside = targets >= 0
+        return self.class_scores, dict(ppc=(self.lse - target_sim * self.inv_t) * inside,
+                                       ppd=(1.0 - target_sim)**2 * inside)
 
 
 class PrototypeScorer:
     """Pixel-prototype similarity and the max over each class's K prototypes.
 
     Args:
-        distance (str): Pixel-prototype measure (:mod:`.prototype_distance`): 'cosine',
+        distance (str): Pixel-prototype measure (:mod:`.prototype_similarity`): 'cosine',
             'standard' or 'huberized'. Default: 'cosine'.
         huber_delta (float): The huberized distance's delta. Default: 1.0.
         path (str): Training implementation: 'eager' (plain autograd, any prototype loss
-            and distance), 'fused' (:class:`~.prototype_scores.FusedScores`) or 'streamed'
-            (:class:`~.prototype_scores.StreamedScores`). Default: 'eager'.
+            and distance), 'fused' (:class:`FusedScores`) or 'streamed'
+            (:class:`StreamedScores`). Default: 'eager'.
         chunk (int, optional): Pixels per block of the streamed path. Default: None.
         inv_temperature (float): 1 / the PPC temperature, which the fused and streamed
             paths fold into the similarities. Default: 1.0.
@@ -59,7 +219,7 @@ class PrototypeScorer:
     def from_options(cls, distance: str, huber_delta: float, fused_losses: bool,
                      similarity_chunk: Optional[int],
                      loss_proto: Sequence) -> 'PrototypeScorer':
-        """The scorer of a ProtoHead's options (checked by :mod:`.proto_head_options`).
+        """The scorer of a ProtoHead's options (checked by the head).
 
         The fused path needs the standard losses (at most one PPC and one PPD) and the
         cosine; ``similarity_chunk`` selects the streamed path, whatever ``fused_losses``.
@@ -84,22 +244,21 @@ class PrototypeScorer:
         return similarity_from_cosine(cosines, self.distance, self.huber_delta)
 
     def training_scores(self, emb: Tensor, prototypes: Tensor, labels: Tensor,
-                        valid: Tensor) -> TrainingScores:
-        """The prototype-scores step of one training batch.
+                        ignore_index: int) -> TrainingScores:
+        """The prototype-scores step of one training batch (see the module doc).
 
         Args:
             emb (Tensor): (N, D) unit pixel embeddings.
             prototypes (Tensor): (C, K, D) prototypes.
-            labels (Tensor): (N,) class of each pixel (anything for ignored ones).
-            valid (Tensor): Indices of the labelled pixels.
+            labels (Tensor): (N,) class of each pixel, ``ignore_index`` where unlabelled.
+            ignore_index (int): The label of unlabelled pixels.
         """
         c, k = prototypes.shape[:2]
-        args = (emb, prototype_matrix(prototypes).to(emb.dtype), labels, valid, c, k,
-                self.inv_temperature)
+        args = (emb, prototype_matrix(prototypes).to(emb.dtype), labels, ignore_index, c, k)
         if self.path == 'streamed':
-            return StreamedScores(*args, chunk=self.chunk)
+            return StreamedScores(*args, self.inv_temperature, chunk=self.chunk)
         if self.path == 'fused':
-            return FusedScores(*args)
+            return FusedScores(*args, self.inv_temperature)
         return EagerScores(*args, to_similarity=None if self.distance == 'cosine'
                            else self.similarity)
 

@@ -1,5 +1,6 @@
-"""What one training batch tells a PrototypeBank: per-prototype sums and counts, the
-diagnostics (Sinkhorn assignments, prototype use) it may add, and their sums over processes;
+"""What one training batch tells a PrototypeBank (:class:`PrototypeBatch`), and what the bank
+keeps of it (:class:`PrototypeStatistics`: per-prototype sums and counts, the diagnostics of
+the Sinkhorn assignments and of prototype use, and their sums over processes);
 and :func:`prototype_health`, the per-class figures of prototype use that training logs and
 :mod:`mmseg_proto.evaluation` reports on a dataset."""
 import math
@@ -10,7 +11,7 @@ import torch
 from mmengine.dist import all_reduce, get_world_size
 from torch import Tensor
 
-from .prototype_index import buffer_index
+from .prototype_similarity import buffer_index
 
 
 @dataclass
@@ -124,44 +125,73 @@ def nearest_counts(labels: Tensor, nearest_k: Tensor, num_classes: int,
                           minlength=num_classes * num_prototypes).float()
 
 
-@torch.no_grad()
-def batch_statistics(emb: Tensor, labels: Tensor, valid: Tensor, pred: Tensor,
-                     assign: Tensor, own: Tensor, transport: Optional[Tensor],
-                     num_classes: int, num_prototypes: int, assignments: bool = False,
-                     usage: bool = False) -> PrototypeStatistics:
-    """The statistics of one training batch (per prototype, the sum and count of the
-    embeddings of the correctly classified pixels assigned to it).
+@dataclass
+class PrototypeBatch:
+    """What one training step tells a :class:`~.prototype_bank.PrototypeBank`, over the
+    Nv labelled pixels of the batch (row i of every field: labelled pixel i).
+
+    Made by the training scores (``TrainingScores.batch``), handed to
+    ``PrototypeBank.collect``.
 
     Args:
-        emb (Tensor): (N, D) pixel embeddings.
         labels (Tensor): (Nv,) class of each labelled pixel.
-        valid (Tensor): (Nv,) indices of the labelled pixels in ``emb``.
-        pred (Tensor): Predicted class of each of the N pixels.
-        assign (Tensor): (Nv,) Sinkhorn's prototype (0..K-1) of each labelled pixel.
-        own (Tensor): (Nv, K) similarities to the pixel's class's prototypes.
-        transport (Tensor, optional): (Nv, K) Sinkhorn's soft assignment (needed for
-            ``assignments``).
+        correct (Tensor): (Nv,) bool, predicted as its class.
+        assigned (Tensor): (Nv,) Sinkhorn's prototype (0..K-1) of each.
+        own (Tensor): (Nv, K) similarities to its class's K prototypes.
+        correct_embeddings (Tensor): (M, D) fp32 embeddings of the correct ones, in
+            order (M = ``correct.sum()``): what the prototypes move towards.
+        transport (Tensor, optional): (Nv, K) Sinkhorn's soft assignment (for the
+            logged diagnostics).
+    """
+
+    labels: Tensor
+    correct: Tensor
+    assigned: Tensor
+    own: Tensor
+    correct_embeddings: Tensor
+    transport: Optional[Tensor] = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_labelled(cls, emb: Tensor, valid: Tensor, labels: Tensor, pred: Tensor,
+                      assigned: Tensor, own: Tensor,
+                      transport: Optional[Tensor]) -> 'PrototypeBatch':
+        """From all N pixels' embeddings (N, D) and predictions (N,), the indices of the
+        labelled ones (``valid``) and what is known of those (the other arguments)."""
+        correct = pred[valid] == labels
+        return cls(labels, correct, assigned, own, emb[valid[correct]].float(), transport)
+
+
+@torch.no_grad()
+def batch_statistics(batch: PrototypeBatch, num_classes: int, num_prototypes: int,
+                     usage: bool = False) -> PrototypeStatistics:
+    """The statistics of one training batch: per prototype, the sum and count of the
+    embeddings of the correctly classified pixels assigned to it, the Sinkhorn
+    diagnostics (:func:`assignment_statistics`, when the batch has its ``transport``) and,
+    with ``usage``, what re-seeding needs (:func:`usage_statistics`).
+
+    Args:
+        batch (PrototypeBatch): The step's labelled pixels.
         num_classes (int): C.
         num_prototypes (int): K.
-        assignments (bool): Add :func:`assignment_statistics`. Default: False.
         usage (bool): Add :func:`usage_statistics`. Default: False.
     """
     c, k = num_classes, num_prototypes
-    correct = pred.view(-1)[valid] == labels
-    correct_emb = emb[valid[correct]].float()
-    proto_index = buffer_index(labels, assign, k)
-    hit = proto_index[correct]
-    sums = correct_emb.new_zeros(c * k, emb.shape[1]).index_add_(0, hit, correct_emb)
+    correct_emb = batch.correct_embeddings
+    proto_index = buffer_index(batch.labels, batch.assigned, k)
+    hit = proto_index[batch.correct]
+    sums = correct_emb.new_zeros(c * k, correct_emb.shape[1]).index_add_(0, hit, correct_emb)
     # A non-finite labelled pixel corrupts the Sinkhorn assignment of its whole class even
     # when it is not counted as correct: non-finite sums make every process skip the
     # update (after the all-reduce); no host sync.
-    sums = torch.where(torch.isfinite(own).all(), sums, float('nan'))
+    sums = torch.where(torch.isfinite(batch.own).all(), sums, float('nan'))
     counts = torch.bincount(hit, minlength=c * k).to(correct_emb.dtype)
     return PrototypeStatistics(
         sums, counts,
-        assignment_statistics(labels, proto_index, transport, own, c, k)
-        if assignments else None,
-        usage_statistics(labels, own, correct, correct_emb, c, k) if usage else None)
+        None if batch.transport is None else assignment_statistics(
+            batch.labels, proto_index, batch.transport, batch.own, c, k),
+        usage_statistics(batch.labels, batch.own, batch.correct, correct_emb, c, k)
+        if usage else None)
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ def test_above_two_the_huberized_distance_is_a_shrunk_cosine_whose_scores_collap
     """Why the bound is 2, against hand computations: beyond it every distance between unit
     vectors is on the quadratic branch, 1 - s = d^2 / (2 delta) = (1 - cos) / delta, and the
     LayerNorm over classes flattens what is left (logit spread measured at 1e3 and 1e6)."""
-    from mmseg_proto.models.utils.prototype_distance import similarity_from_cosine
+    from mmseg_proto.models.utils.prototype_similarity import similarity_from_cosine
     cos = torch.linspace(-1, 1, 101)
     for delta in (2.0, 3.0, 1e3):
         s = similarity_from_cosine(cos, 'huberized', delta)

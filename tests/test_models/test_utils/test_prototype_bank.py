@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import hand_ema, tensor_values
 
 from mmseg_proto.models.utils import PrototypeBank
-from mmseg_proto.models.utils.prototype_statistics import usage_statistics
+from mmseg_proto.models.utils.prototype_statistics import PrototypeBatch, usage_statistics
 
 
 def square_bank(momentum=0.5, **kwargs):
@@ -21,17 +21,18 @@ def square_bank(momentum=0.5, **kwargs):
 
 
 def batch(emb, labels, assign, pred=None, own=None):
-    """collect()'s arguments for a batch whose pixels are all labelled."""
+    """collect()'s PrototypeBatch for a batch whose pixels are all labelled."""
     emb, labels, assign = torch.tensor(emb), torch.tensor(labels), torch.tensor(assign)
     pred = labels if pred is None else torch.tensor(pred)
     own = torch.zeros(len(labels), 2) if own is None else own
-    return emb, labels, torch.arange(len(labels)), pred, assign, own, None
+    return PrototypeBatch.from_labelled(emb, torch.arange(len(labels)), labels, pred, assign,
+                                        own, None)
 
 
 def step(bank, *batches, diagnostics=False):
     """What PrototypeUpdateHook does for one optimizer step over these batches."""
     for args in batches:
-        bank.collect(*args)
+        bank.collect(args)
         assert bank.accumulate()
     return bank.apply(diagnostics=diagnostics)
 
@@ -50,9 +51,9 @@ def test_initial_prototypes_are_unit_vectors_kept_out_of_its_state_dict():
 
 def test_a_second_batch_without_accumulate_is_refused():
     bank = square_bank()
-    bank.collect(*batch([[0., 3.]], [0], [0]))
+    bank.collect(batch([[0., 3.]], [0], [0]))
     with pytest.raises(RuntimeError, match="custom_hooks = \\[dict\\(type='PrototypeUpdateHook'\\)"):
-        bank.collect(*batch([[0., 3.]], [0], [0]))
+        bank.collect(batch([[0., 3.]], [0], [0]))
     assert bank.accumulate() and not bank.accumulate()  # taken once
     bank.discard()
     assert bank.batch is None and bank.apply() == {}
@@ -98,7 +99,7 @@ def test_the_iterations_of_one_step_give_one_update_from_their_summed_statistics
     before = bank.prototypes.clone()
     first = batch([[0., 3.], [2., 1.]], [0, 1], [0, 0])
     second = batch([[0., 1.], [-1., 2.]], [0, 1], [0, 1])
-    bank.collect(*first)
+    bank.collect(first)
     assert bank.accumulate()
     assert torch.equal(bank.prototypes, before)  # accumulating: nothing moves
     assert step(bank, second) == {}
@@ -111,7 +112,7 @@ def test_the_iterations_of_one_step_give_one_update_from_their_summed_statistics
 
 def test_non_finite_statistics_skip_the_update():
     bank = square_bank()
-    bank.request(usage=True)
+    bank.schedule_reseeding(10)
     before = bank.prototypes.clone()
     own = torch.tensor([[0.5, float('nan')]])  # a non-finite pixel spoils its class
     assert step(bank, batch([[0., 3.]], [0], [0], own=own)) is None
@@ -167,7 +168,7 @@ def test_reseed_moves_the_least_used_prototype_onto_the_outliers_only():
 
 def test_window_sums_the_usage_of_every_applied_step():
     bank = square_bank()
-    bank.request(usage=True)
+    bank.schedule_reseeding(10)
     own = torch.tensor([[0.9, 0.1], [0.2, 0.6]])
     args = batch([[1., 0.], [0., 2.]], [0, 0], [0, 1], own=own)
     step(bank, args)
@@ -177,9 +178,9 @@ def test_window_sums_the_usage_of_every_applied_step():
     assert once['nearest'].tolist() == [1., 1., 0., 0.]
     for key in once:
         torch.testing.assert_close(twice[key], 2 * once[key])
-    bank.request(usage=False)  # no more usage: the window stays as it is
+    bank.schedule_reseeding(0)  # no re-seeding: no window, no usage collected
     step(bank, args)
-    torch.testing.assert_close(bank.resume_state()['window']['nearest'], twice['nearest'])
+    assert bank.resume_state()['window'] is None and bank.window_steps == 0
 
 
 # ------------------------------------------------------------ load policy --
@@ -207,11 +208,11 @@ def test_load_takes_refuses_or_keeps_as_configured(caplog):
 
 def test_state_round_trip_through_a_weights_only_checkpoint():
     bank = square_bank()
-    bank.request(usage=True)
+    bank.schedule_reseeding(10)
     own = torch.tensor([[0.9, 0.1], [0.2, 0.6]])
     args = batch([[1., 1.], [-2., 1.]], [0, 1], [0, 1], own=own)
     step(bank, args)  # a window
-    bank.collect(*args)
+    bank.collect(args)
     bank.accumulate()  # and a step still accumulating
     buffer = io.BytesIO()
     torch.save(bank.resume_state(), buffer)
@@ -219,17 +220,17 @@ def test_state_round_trip_through_a_weights_only_checkpoint():
     state = torch.load(buffer, weights_only=True)
     other = square_bank()
     other.prototypes.copy_(bank.prototypes)  # what the checkpoint's state dict brings
-    other.request(usage=True)
+    other.schedule_reseeding(10)
     other.restore(state['window'], state['pending'])
     assert tensor_values(bank.resume_state()) == tensor_values(other.resume_state())
     # Both finish the step identically.
     for one in (bank, other):
-        one.collect(*args)
+        one.collect(args)
         one.accumulate()
         one.apply()
     assert torch.equal(bank.prototypes, other.prototypes)
     assert not torch.equal(bank.prototypes, square_bank().prototypes)
-    # Without usage requested, a pending step's usage is dropped.
+    # Without re-seeding, a pending step's usage is dropped.
     plain = square_bank()
     plain.restore(pending=state['pending'])
     assert plain.resume_state()['pending']['usage'] is None

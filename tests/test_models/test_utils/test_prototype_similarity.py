@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_head, make_samples
 
-from mmseg_proto.models.utils.prototype_distance import similarity_from_cosine
+from mmseg_proto.models.utils.prototype_similarity import similarity_from_cosine
 
 
 def test_similarities_of_unit_vectors():

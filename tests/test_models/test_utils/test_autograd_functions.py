@@ -1,3 +1,6 @@
+"""The custom autograd functions of models/utils/autograd_functions.py: L2Normalize here against
+F.normalize; FusedPrototypeScores and ChunkedPrototypeScores against the loss modules' reference
+terms in test_prototype_scorer.py (the fused and streamed training paths)."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Validation of ProtoHead's options, combinations included.
+"""Validation of ProtoHead's options, combinations included (next to the head it checks).
 
 Every check raises an error for people: it names the config key at fault, what it must be
 and, for a combination, what to change. :func:`check_options` reports every option at fault
@@ -12,8 +12,8 @@ import torch.nn as nn
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.registry import MODELS
 
-from ..losses import PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss
-from .prototype_distance import DISTANCES
+from ..utils.prototype_scorer import standard_prototype_losses
+from ..utils.prototype_similarity import DISTANCES
 
 PROJECTIONS = ('none', 'linear', 'mlp')
 
@@ -152,14 +152,6 @@ def split_losses(loss_decode: nn.Module) -> Tuple[nn.ModuleList, nn.ModuleList]:
                          "'CrossEntropyLoss'), beside the prototype losses")
     return nn.ModuleList(pixel), nn.ModuleList(
         m for m in losses if getattr(m, 'is_prototype_loss', False))
-
-
-def standard_prototype_losses(loss_proto: Sequence[nn.Module]) -> bool:
-    """Whether the prototype losses are at most one PPC and one PPD (what the fused and
-    streamed scores compute)."""
-    types = [type(m) for m in loss_proto]
-    return len(types) == len(set(types)) and set(types) <= {
-        PixelPrototypeContrastLoss, PixelPrototypeDistanceLoss}
 
 
 def check_similarity_chunk(similarity_chunk: Optional[int], distance: str,
