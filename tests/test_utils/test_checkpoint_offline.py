@@ -11,6 +11,7 @@ import hashlib
 import pickle
 import socket
 import urllib.request
+import warnings
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from mmengine.runner.checkpoint import _load_checkpoint
 
 import mmseg_proto  # noqa: F401  (registers the checkpoint loaders)
 from mmseg_proto.utils import checkpoint_loading
+from mmseg_proto.utils.checkpoint_loading import unpickler
 from mmseg_proto.utils.checkpoint_loading import (TRUSTED_VARIABLE, CheckpointRefusedError,
                                                    UnreadableCheckpointError,
                                                    http_cache_path, torch_hub_cache_path)
@@ -134,9 +136,8 @@ def recheck_loader():
     """The loader's once-per-process checks are computed again for this test, and again
     after it (with torch restored)."""
     def reset():
-        for once in (checkpoint_loading._unpickling_loop,
-                     checkpoint_loading.checkpoint_loader_problem,
-                     checkpoint_loading.warn_if_loader_unusable):
+        for once in (unpickler._unpickling_loop, unpickler._self_check_problem,
+                     unpickler.warn_if_loader_unusable):
             once.reset()
     reset()
     yield
@@ -147,7 +148,7 @@ def assert_says_what_happened(message):
     assert 'names mmengine.logging.history_buffer.HistoryBuffer' in message
     assert 'which this loader does not admit' not in message  # the old contradiction
     assert 'damaged or' not in message and 'crafted' not in message
-    assert 'Nothing is wrong with the file' in message
+    assert 'Nothing shows that the file is damaged' in message
     assert 'weights_only=False' not in message
 
 
@@ -177,6 +178,14 @@ def test_a_changed_private_unpickler_is_reported_once_and_explained(tmp_path, mo
     assert f'torch {torch.__version__}' in message and 'torch 2.13.0' in message
     assert 'requirements/constraints.txt' in message
     assert f'{TRUSTED_VARIABLE}={sha256(path)}' in message
+    # Issue 30: one message. The refusal says what the warning said (what happened, what it
+    # means for --resume, the supported versions, what to do), with this file's digest for
+    # the opt-in in place of the warning's general form of it.
+    warned = str(record[0].message)
+    assert warned.startswith('mmseg_proto: ') and 'torch >= 2.4' in warned
+    assert warned.removeprefix('mmseg_proto: ').split('; or, for a checkpoint you trust')[0] \
+        in message
+    assert message.count('--resume') == warned.count('--resume') == 1
     # The opt-in it names works, for this file.
     monkeypatch.setenv(TRUSTED_VARIABLE, sha256(path))
     assert _load_checkpoint(path, map_location='cpu')['meta']['seed'] == 3
@@ -184,10 +193,23 @@ def test_a_changed_private_unpickler_is_reported_once_and_explained(tmp_path, mo
 
 def test_a_self_check_failure_is_reported(monkeypatch, recheck_loader):
     """A loop that runs but does not give mmengine's data back is found at import, too."""
-    monkeypatch.setattr(checkpoint_loading, '_self_check',
+    monkeypatch.setattr(unpickler, '_self_check',
                         lambda: (_ for _ in ()).throw(TypeError('changed stack handling')))
     problem = checkpoint_loading.checkpoint_loader_problem()
     assert 'self-check' in problem and 'TypeError: changed stack handling' in problem
+
+
+def test_torch_force_weights_only_load_at_import_is_not_a_changed_torch(monkeypatch,
+                                                                       recheck_loader):
+    """Issue 30: with TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 at import, torch refuses the
+    self-check's pickle_module; that was reported as a changed private unpickler. The
+    self-check now waits for a load without the variable."""
+    monkeypatch.setenv('TORCH_FORCE_WEIGHTS_ONLY_LOAD', '1')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert checkpoint_loading.warn_if_loader_unusable() is None
+    monkeypatch.delenv('TORCH_FORCE_WEIGHTS_ONLY_LOAD')
+    assert checkpoint_loading.checkpoint_loader_problem() is None
 
 
 def test_torch_force_weights_only_load_is_named(tmp_path, monkeypatch):
