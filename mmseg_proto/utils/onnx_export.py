@@ -162,9 +162,14 @@ def load(config: str, checkpoint: str) -> SegmentorForExport:
 
 
 def _state_dict_of(checkpoint: object, name: str) -> Dict[str, Tensor]:
-    """The state dict a loaded checkpoint holds, ``module.`` prefixes removed (as mmengine's
-    ``load_checkpoint`` does)."""
+    """The tensors of the state dict a loaded checkpoint holds, ``module.`` prefixes removed
+    (as mmengine's ``load_checkpoint`` does). Modules' extra state (a prototype bank's
+    training state, ``..._extra_state``) is training state, not part of an export: left out."""
     state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else None
+    metadata = getattr(state, '_metadata', None)
+    if isinstance(state, dict):
+        state = OrderedDict((k, v) for k, v in state.items()
+                            if not (isinstance(k, str) and k.endswith('._extra_state')))
     if not isinstance(state, dict) or not all(
             isinstance(v, Tensor) for v in state.values()):
         raise ExportError(
@@ -172,7 +177,6 @@ def _state_dict_of(checkpoint: object, name: str) -> Dict[str, Tensor]:
             "under 'state_dict' or at the top level); pass a checkpoint of the model")
     revised = OrderedDict(
         (k[len('module.'):] if k.startswith('module.') else k, v) for k, v in state.items())
-    metadata = getattr(state, '_metadata', None)
     if metadata is not None:
         revised._metadata = metadata
     return revised

@@ -77,6 +77,19 @@ def tiny_config(work_dir: str, max_iters: int) -> dict:
         log_processor=dict(by_epoch=False), log_level='WARNING')
 
 
+def cpu_name() -> str:
+    """This machine's CPU model (matmul rounding differs between CPUs)."""
+    import platform
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def images(batch: int = 2):
     """Fixed inputs (B, 3, 32, 48), as the data preprocessor hands them to the model."""
     import torch
@@ -122,7 +135,7 @@ def make_segmentor_asset(out: str, commit: str) -> None:
     with torch.no_grad():
         logits = model(images(), mode='tensor')
     checkpoint['expected'] = dict(commit=commit, inputs=images(), logits=logits,
-                                  final_state_dict=final)
+                                  final_state_dict=final, cpu=cpu_name())
     torch.save(checkpoint, path)
     print(path)
 

@@ -164,11 +164,12 @@ def test_exact_resume_with_reseeding_and_accumulation(tmp_path, one_thread,
 
     ckpt_path = str(tmp_path / 'straight' / f'iter_{at}.pth')
     ckpt = CheckpointLoader.load_checkpoint(ckpt_path, map_location='cpu')
-    state = ckpt['prototype_update_hook']
+    # The bank's state in the model's state dict, the step's gradients in the hook's entry.
+    state = ckpt['state_dict']['decode_head.bank._extra_state']
     if accumulate > 1:  # the pending half of the step 3-4 is in the checkpoint
-        assert state['pending'] and state['gradients']
+        assert state['pending'] and ckpt['prototype_update_hook']['gradients']
     else:
-        assert state['window_updates'] == 1 and state['window']
+        assert state['window_steps'] == 1 and state['window']
     resumed = Runner.from_cfg(
         resume_cfg(tmp_path / 'resumed', max_iters, 'resumed', resume=True,
                    load_from=ckpt_path, **extra))

@@ -11,6 +11,8 @@ from conftest import hand_ema, make_head, make_samples, tensor_values
 from mmengine.logging import MMLogger, MessageHub
 from mmengine.optim import OptimWrapper
 
+from mmengine.runner.checkpoint import get_state_dict, load_state_dict
+
 from mmseg_proto.engine.hooks import PrototypeUpdateHook
 
 
@@ -342,30 +344,71 @@ def half_done_run():
     g = torch.Generator().manual_seed(0)
     labels = [torch.randint(0, 3, (2, 6, 5), generator=g) for _ in range(3)]
     run_iterations(head, hook, runner, param, labels, g)
-    checkpoint = {'meta': {'iter': 3}}
+    return head, hook, runner, save_checkpoint(runner, hook)
+
+
+def save_checkpoint(runner, hook, iteration=3):
+    """What mmengine's runner saves: the state dict, then the hook's entry."""
+    import copy
+    checkpoint = {'meta': {'iter': iteration},
+                  'state_dict': copy.deepcopy(get_state_dict(runner.model))}
     hook.before_save_checkpoint(runner, checkpoint)
-    return head, hook, runner, checkpoint
+    return checkpoint
+
+
+BANK_KEY = 'decode_head.bank._extra_state'
+
+
+def bank_state(checkpoint):
+    """The decode head's bank's training state in a checkpoint's state dict."""
+    return checkpoint['state_dict'][BANK_KEY]
+
+
+def as_version_1(checkpoint):
+    """The checkpoint as the code before issue 30 wrote it: the bank's state in the hook's
+    entry (version 1), none in the state dict."""
+    import copy
+    old = copy.deepcopy(checkpoint)
+    state = old['state_dict'].pop(BANK_KEY)
+    old['prototype_update_hook'].update(
+        version=1, window_updates=state['window_steps'], window={0: state['window']},
+        pending={0: state['pending']} if state['pending'] is not None else {})
+    return old
 
 
 def resumed_hook(checkpoint, iteration=3, accumulate=2, num_classes=3):
+    """Resume ``checkpoint`` the way mmengine's runner does: before_run, the hook's
+    after_load_checkpoint, the state dict, before_train."""
     head = make_head(num_classes=num_classes, channels=8, num_prototypes=2)
     hook = PrototypeUpdateHook(log_interval=0, reseed_interval=3)
     runner, _ = fake_runner(head, accumulative_counts=accumulate)
     runner.logger = ListLogger()
     runner.iter = iteration
+    runner._resume = iteration > 0
+    hook.before_run(runner)
     hook.after_load_checkpoint(runner, checkpoint)
+    if 'state_dict' in checkpoint:
+        load_state_dict(runner.model, checkpoint['state_dict'])
     hook.before_train(runner)
     return head, hook, runner
 
 
-def test_checkpoint_holds_window_pending_statistics_and_gradients():
+@pytest.mark.parametrize('version', [2, 1])
+def test_checkpoint_holds_window_pending_statistics_and_gradients(version):
+    """Version 2: the bank's state in the state dict, the gradients in the hook's entry;
+    version 1 (before issue 30): all in the hook's entry. Both restore the same."""
     import io
     head, hook, runner, checkpoint = half_done_run()
+    assert set(checkpoint['prototype_update_hook']) == {'version', 'iter', 'gradients'}
+    assert bank_state(checkpoint)['window_steps'] == 1
+    if version == 1:
+        checkpoint = as_version_1(checkpoint)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     buffer.seek(0)  # weights-only loadable: plain dicts, ints and tensors
     loaded = torch.load(buffer, weights_only=True)
     assert loaded['prototype_update_hook']['iter'] == 3
+    assert loaded['prototype_update_hook']['version'] == version
     head2, hook2, runner2 = resumed_hook(loaded)
     assert head2.bank.window_steps == head.bank.window_steps == 1
     state, state2 = head.bank.resume_state(), head2.bank.resume_state()
@@ -383,6 +426,7 @@ def test_old_checkpoints_and_load_from_restore_nothing():
     _, _, _, checkpoint = half_done_run()
     # A checkpoint written before the hook saved its state: defaults, said.
     old = {k: v for k, v in checkpoint.items() if k != 'prototype_update_hook'}
+    old['state_dict'] = {k: v for k, v in old['state_dict'].items() if k != BANK_KEY}
     head, hook, runner = resumed_hook(old)
     assert head.bank.resume_state() == dict(window=None, pending=None)
     assert head.bank.window_steps == 0
@@ -393,8 +437,11 @@ def test_old_checkpoints_and_load_from_restore_nothing():
     assert all(p.grad is None for p in runner.model.parameters())
 
 
-def test_pending_step_is_dropped_where_the_resumed_run_ends_a_step():
+@pytest.mark.parametrize('version', [2, 1])
+def test_pending_step_is_dropped_where_the_resumed_run_ends_a_step(version):
     _, _, _, checkpoint = half_done_run()
+    if version == 1:
+        checkpoint = as_version_1(checkpoint)
     head, hook, runner = resumed_hook(checkpoint, accumulate=3)
     state = head.bank.resume_state()
     assert state['pending'] is None and state['window'] is not None
@@ -405,16 +452,22 @@ def test_pending_step_is_dropped_where_the_resumed_run_ends_a_step():
 
 def test_state_that_does_not_fit_the_model_is_refused():
     _, _, _, checkpoint = half_done_run()
-    with pytest.raises(ValueError, match=r"cannot restore ProtoHead 0's state from the "
-                       r"resumed checkpoint's 'prototype_update_hook' entry: re-seeding "
-                       r"window 'nearest' of shape \(6,\), which needs \(8,\)"):
-        resumed_hook(checkpoint, num_classes=4)
+    with pytest.raises(RuntimeError, match=r'--resume continues the run that wrote'):
+        resumed_hook(checkpoint, num_classes=4)  # the prototypes say it first
     with pytest.raises(ValueError, match=r'saved at iteration 3 but the run '
                        r'resumes at iteration 5'):
         resumed_hook(checkpoint, iteration=5)
+    old = as_version_1(checkpoint)
+    old['prototype_update_hook']['window'][0]['nearest'] = torch.ones(8)
+    with pytest.raises(ValueError, match=r"cannot restore ProtoHead 0's state from the "
+                       r"resumed checkpoint's 'prototype_update_hook' entry: re-seeding "
+                       r"window 'nearest' of shape \(8,\), which needs \(6,\)"):
+        resumed_hook(old)
+    bank_state(checkpoint)['version'] = 98
+    refused(checkpoint, 'version 98')
+    bank_state(checkpoint)['version'] = 1
     checkpoint['prototype_update_hook']['version'] = 99
-    with pytest.raises(ValueError, match='version 99'):
-        resumed_hook(checkpoint)
+    refused(checkpoint, 'version 99', entry='prototype_update_hook')
 
 
 def test_several_processes_save_no_gradients_mid_step_and_say_so(monkeypatch):
@@ -422,28 +475,28 @@ def test_several_processes_save_no_gradients_mid_step_and_say_so(monkeypatch):
     head, hook, runner, _ = half_done_run()
     monkeypatch.setattr(module, 'get_world_size', lambda: 2)
     runner.logger = ListLogger()
-    checkpoint = {'meta': {'iter': 3}}
-    hook.before_save_checkpoint(runner, checkpoint)
+    checkpoint = save_checkpoint(runner, hook)
     assert checkpoint['prototype_update_hook']['gradients'] is None
-    assert checkpoint['prototype_update_hook']['pending']
+    assert bank_state(checkpoint)['pending']
     assert 'gradients accumulated on each are not saved' in \
         runner.logger.warnings[0]
 
 
 # ------------------------------------- loaded hook state is checked (issue 28, 3) --
 
-def refused(checkpoint, match, **kwargs):
+def refused(checkpoint, match, entry=BANK_KEY, **kwargs):
     """Resuming ``checkpoint`` is refused with one message matching ``match`` that names
     the entry and says what to do."""
     with pytest.raises(ValueError, match=match) as info:
         resumed_hook(checkpoint, **kwargs)
-    assert "delete the checkpoint's 'prototype_update_hook' entry" in str(info.value)
+    message = str(info.value)
+    assert f"'{entry}' entry" in message and 'to resume without it' in message, message
 
 
 def test_pending_statistics_with_negative_counts_are_refused():
     _, _, _, checkpoint = half_done_run()
-    checkpoint['prototype_update_hook']['pending'][0]['counts'][0] = -3.0
-    refused(checkpoint, r"ProtoHead 0's state .*pending statistics 'counts' holds negative "
+    bank_state(checkpoint)['pending']['counts'][0] = -3.0
+    refused(checkpoint, r"bank's training state .*pending statistics 'counts' holds negative "
                         r'values \(min -3\)')
 
 
@@ -451,7 +504,7 @@ def test_pending_statistics_with_negative_counts_are_refused():
 def test_pending_usage_of_another_shape_is_refused(shape):
     # (1,) used to broadcast into the window silently, (2, 3, 2) to crash mid-training.
     _, _, _, checkpoint = half_done_run()
-    checkpoint['prototype_update_hook']['pending'][0]['usage']['nearest'] = torch.ones(shape)
+    bank_state(checkpoint)['pending']['usage']['nearest'] = torch.ones(shape)
     refused(checkpoint, rf"pending statistics usage\['nearest'\] of shape "
                         rf'{re.escape(str(shape))}, which needs \(6,\)')
 
@@ -459,7 +512,7 @@ def test_pending_usage_of_another_shape_is_refused(shape):
 @pytest.mark.parametrize('entry', ['nearest', 'outlier_sums', 'outlier_weights'])
 def test_non_finite_or_negative_reseeding_window_is_refused(entry):
     _, _, _, checkpoint = half_done_run()
-    window = checkpoint['prototype_update_hook']['window'][0]
+    window = bank_state(checkpoint)['window']
     window[entry].view(-1)[0] = float('nan')
     refused(checkpoint, rf"re-seeding window '{entry}' holds non-finite values")
     if entry != 'outlier_sums':  # sums of embeddings may be negative
@@ -469,7 +522,7 @@ def test_non_finite_or_negative_reseeding_window_is_refused(entry):
 
 def test_reseeding_window_of_another_dtype_is_refused():
     _, _, _, checkpoint = half_done_run()
-    window = checkpoint['prototype_update_hook']['window'][0]
+    window = bank_state(checkpoint)['window']
     window['nearest'] = window['nearest'].long()
     refused(checkpoint, r"re-seeding window 'nearest' of dtype torch.int64, which needs "
                         r'torch.float32')
@@ -480,9 +533,12 @@ def test_non_finite_saved_gradients_are_refused():
     grads = checkpoint['prototype_update_hook']['gradients']
     name = next(iter(grads))
     grads[name].view(-1)[0] = float('nan')
-    refused(checkpoint, rf"accumulated gradients hold non-finite values in '{name}'")
+    hook_entry = 'prototype_update_hook'
+    refused(checkpoint, rf"accumulated gradients hold non-finite values in '{name}'",
+            entry=hook_entry)
     grads[name] = grads[name].long()
-    refused(checkpoint, rf"accumulated gradients hold '{name}' of dtype torch.int64")
+    refused(checkpoint, rf"accumulated gradients hold '{name}' of dtype torch.int64",
+            entry=hook_entry)
 
 
 def test_pending_step_with_non_finite_embeddings_resumes_and_is_skipped():
@@ -490,7 +546,7 @@ def test_pending_step_with_non_finite_embeddings_resumes_and_is_skipped():
     embeddings (all sums NaN, the usage too): accepted; that step skips the update, as
     the run that wrote it did."""
     _, _, _, checkpoint = half_done_run()
-    pending = checkpoint['prototype_update_hook']['pending'][0]
+    pending = bank_state(checkpoint)['pending']
     pending['sums'].fill_(float('nan'))
     pending['usage']['outlier_sums'].fill_(float('nan'))
     head, hook, runner = resumed_hook(checkpoint)
@@ -601,16 +657,20 @@ def test_decode_and_auxiliary_heads_reseed_every_interval_not_every_step():
     assert moved == [[False, False], [True, True]] * 3
 
 
-def test_hook_state_of_a_proto_head_the_model_no_longer_has_is_refused():
+def test_version_1_state_of_a_proto_head_the_model_no_longer_has_is_refused():
+    # (Version 2 keeps each bank's state under its own module's key: a head the model no
+    # longer has is an unexpected key of the state dict, like its weights.)
     _, _, _, checkpoint = half_done_run()
+    checkpoint = as_version_1(checkpoint)
     state = checkpoint['prototype_update_hook']
     # Written by a model with an auxiliary ProtoHead (index 1); this one has one head.
     state['window'][1] = state['window'][0]
+    entry = 'prototype_update_hook'
     refused(checkpoint, r'window must map ProtoHead indices below 1 \(the model has 1 '
-                        r'ProtoHead\(s\)\)')
+                        r'ProtoHead\(s\)\)', entry=entry)
     del state['window'][1]
     state['pending'][1] = state['pending'][0]
-    refused(checkpoint, r'pending must map ProtoHead indices below 1')
+    refused(checkpoint, r'pending must map ProtoHead indices below 1', entry=entry)
 
 
 def test_reseeding_happens_after_iteration_4_when_max_iters_is_not_a_multiple():

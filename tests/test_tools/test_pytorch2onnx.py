@@ -220,6 +220,25 @@ def test_fine_tuning_config_exports_the_checkpoints_prototypes(checkpoint, tmp_p
     assert_parity(got[0], mmseg_inference(mmseg_model(PROTO_CFG, checkpoint), image_path)[0])
 
 
+def test_a_training_checkpoint_with_a_banks_training_state_exports(checkpoint, tmp_path):
+    """A checkpoint saved mid re-seeding window holds the bank's training state (a dict, the
+    module's extra state): MMSeg's init_model and the export both leave it out."""
+    ckpt = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    c, k, d = ckpt['state_dict']['decode_head.prototypes'].shape
+    ckpt['state_dict']['decode_head.bank._extra_state'] = dict(
+        version=1, window_steps=1, pending=None,
+        window=dict(nearest=torch.ones(c * k), outlier_sums=torch.ones(c, d),
+                    outlier_weights=torch.ones(c)))
+    training = str(tmp_path / 'mid_window.pth')
+    torch.save(ckpt, training)
+    out = str(tmp_path / 'mid_window.onnx')
+    tool().main([PROTO_CFG, training, '--out', out, '--shape', *map(str, SHAPE)])
+    image_path = str(tmp_path / 'street.png')
+    mmcv.imwrite(mmcv.imresize(mmcv.imread(VAL_IMAGES[0]), SHAPE[::-1]), image_path)
+    got = onnx_outputs(out, [loaded_image(image_path)])['seg_logits']
+    assert_parity(got[0], mmseg_inference(mmseg_model(PROTO_CFG, training), image_path)[0])
+
+
 @pytest.mark.parametrize('kind', ['parametric', 'protoseg'])
 def test_another_class_count_is_refused(checkpoint, kind, tmp_path, capsys):
     if kind == 'parametric':

@@ -52,10 +52,11 @@ class PrototypeUpdateHook(Hook):
     ``train/proto_reseeded``). Not in the last window of training (fewer than
     ``reseed_interval`` steps left), so that every re-seeded prototype trains a window.
 
-    Exact resume: checkpoints hold the re-seeding window, the statistics and gradients of
-    an unfinished accumulated step (:mod:`.resume_state`); ``--resume`` checks and restores
-    them, and has every bank take the checkpoint's prototypes whatever the head's
-    ``load_prototypes`` says. ``EMAHook(update_buffers=True)``, which would average the
+    Exact resume: each bank's re-seeding window and the statistics of an unfinished
+    accumulated step are in the model's state dict (the bank's extra state), the step's
+    gradients in this hook's checkpoint entry (:mod:`.resume_state`); on ``--resume`` the
+    hook has every bank restore its state and take the checkpoint's prototypes whatever the
+    head's ``load_prototypes`` says, and restores the gradients. ``EMAHook(update_buffers=True)``, which would average the
     prototypes like weights, is refused before training.
 
     Args:
@@ -148,7 +149,7 @@ class PrototypeUpdateHook(Hook):
                 step=runner.iter + 1)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        save_state(runner, self.banks, checkpoint)
+        save_state(runner, checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Keep the saved state; ``before_train`` restores it if the run resumes. mmengine

@@ -27,6 +27,15 @@ WINDOW_ENTRIES = dict(nearest=(lambda c, k, d: (c * k, ), True),
                       outlier_weights=(lambda c, k, d: (c, ), True))
 PENDING_ENTRIES = dict(sums=(lambda c, k, d: (c * k, d), False),
                        counts=(lambda c, k, d: (c * k, ), True))
+# The state dict entry of the bank's training state (torch's name for a module's extra state).
+EXTRA_STATE_KEY = '_extra_state'
+EXTRA_STATE_VERSION = 1
+RESUME_HINT = (
+    'Resume with the model and config that wrote the checkpoint, or from another '
+    "checkpoint of the run; or delete the entry (ckpt = torch.load(path, weights_only=False); "
+    "del ckpt['state_dict'][KEY]; torch.save(ckpt, path)) to resume without it: the "
+    're-seeding window restarts and the statistics of an unfinished accumulated optimizer '
+    'step are lost.')
 
 
 class PrototypeBank(nn.Module):
@@ -47,9 +56,16 @@ class PrototypeBank(nn.Module):
     :class:`~mmseg_proto.engine.hooks.PrototypeUpdateHook` says when (accumulate every
     iteration, apply after each optimizer step, and at the end of each re-seeding window,
     which the bank counts, re-seed unless training ends within the next window) and logs;
-    without it the next :meth:`collect` raises. The buffer is left out of this
-    module's own state dict: ProtoHead saves and loads it under ``prototypes``, the key of
-    every ProtoSeg checkpoint.
+    without it the next :meth:`collect` raises.
+
+    State dict: the prototypes buffer is left out (ProtoHead saves and loads it under
+    ``prototypes``, the key of every ProtoSeg checkpoint). The training state exact resume
+    needs, the re-seeding window (its steps and usage sums) and the statistics of an
+    optimizer step still accumulating, is the module's extra state (``bank._extra_state``,
+    :meth:`get_extra_state`), saved only while there is some (a model that never trained,
+    or trained without re-seeding and saved at the end of an optimizer step, has none), and
+    restored only on ``--resume`` (:meth:`expect_resume`): ``load_from``, ``init_model`` and
+    the other tools start without it.
 
     Args:
         num_classes (int): C.
@@ -70,12 +86,14 @@ class PrototypeBank(nn.Module):
         self.register_buffer('prototypes', F.normalize(prototypes, dim=-1), persistent=False)
         self.momentum = momentum
         self.load_prototypes = load_prototypes
+        self._extra_state_key = EXTRA_STATE_KEY  # its key in the last state dict loaded
         self.reseed_interval = 0  # optimizer steps per re-seeding window (0: none)
         self.window_steps = 0  # optimizer steps so far in the current window
         self._batch: Optional[PrototypeStatistics] = None  # the last batch's
         self._step: Optional[PrototypeStatistics] = None  # the optimizer step's, summed
         self._window: Optional[Dict[str, Tensor]] = None  # usage over the re-seeding window
-        self._resuming = False  # the next load is a --resume (expect_resume)
+        self._resuming = False  # the next load is a --resume (expect_resume): prototypes
+        self._resuming_state = False  # ... and the training state (set_extra_state)
 
     @property
     def batch(self) -> Optional[PrototypeStatistics]:
@@ -221,8 +239,9 @@ class PrototypeBank(nn.Module):
 
     def restore(self, window: Optional[Dict[str, Tensor]] = None,
                 pending: Optional[Dict[str, Any]] = None, window_steps: int = 0) -> None:
-        """Inverse of :meth:`resume_state`, on the prototypes' device (pending usage only
-        if the bank re-seeds, :meth:`schedule_reseeding`), after checking what a checkpoint holds:
+        """Inverse of :meth:`resume_state` (and ``window_steps``, the optimizer steps so far
+        in the window), on the prototypes' device (pending usage only if the bank re-seeds,
+        :meth:`schedule_reseeding`), after checking what a checkpoint holds:
         float32 tensors of this bank's shapes, counts and weights never negative, and
         finite values, except in the statistics of a pending step whose embeddings were
         non-finite (``sums`` not finite: :meth:`apply` skips that step, as the run that
@@ -261,11 +280,69 @@ class PrototypeBank(nn.Module):
             self._window = {key: v.to(self.prototypes.device) for key, v in window.items()}
         self.window_steps = window_steps
 
+    def get_extra_state(self) -> Dict[str, Any]:
+        """The training state a ``--resume`` needs (see the class doc): ``version``,
+        ``window_steps`` and CPU copies of the ``window`` and ``pending`` statistics of
+        :meth:`resume_state`; plain dicts, ints and tensors (weights-only loadable)."""
+        return dict(version=EXTRA_STATE_VERSION, window_steps=self.window_steps,
+                    **self.resume_state())
+
+    def set_extra_state(self, state: Any) -> None:
+        """On ``--resume`` (:meth:`expect_resume`), check and restore what
+        :meth:`get_extra_state` saved (the window only if this run re-seeds, see
+        :meth:`schedule_reseeding`); on any other load, nothing: a new run starts its own
+        window.
+
+        Raises:
+            ValueError: The entry does not fit this bank (says what and what to do).
+        """
+        resuming, self._resuming_state = self._resuming_state, False
+        if not resuming:
+            return
+        problem = _extra_state_problem(state)
+        if problem is None:
+            reseeds = bool(self.reseed_interval)
+            try:
+                self.restore(state['window'] if reseeds else None, state['pending'],
+                             state['window_steps'] if reseeds else 0)
+            except ValueError as err:
+                problem = str(err)
+        if problem is not None:
+            raise ValueError(
+                "ProtoHead: cannot restore the prototype bank's training state from the "
+                f"resumed checkpoint's {self._extra_state_key!r} entry: {problem}. "
+                + RESUME_HINT.replace('KEY', repr(self._extra_state_key)))
+
+    def has_training_state(self) -> bool:
+        """Whether there is a re-seeding window or an accumulating step to save."""
+        return bool(self.window_steps) or self._window is not None or self._step is not None
+
+    def drop_pending(self) -> bool:
+        """Drop the statistics of an accumulating optimizer step; True if there were
+        some (a resumed run whose iteration ends a step, see PrototypeUpdateHook)."""
+        pending, self._step = self._step, None
+        return pending is not None
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.has_training_state():  # a model that is not mid-training: no entry
+            destination.pop(prefix + EXTRA_STATE_KEY, None)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: List[str],
+                              unexpected_keys: List[str], error_msgs: List[str]) -> None:
+        """The training state is optional: checkpoints without it (none to save, or
+        written before it was saved here) load without a missing key."""
+        self._extra_state_key = prefix + EXTRA_STATE_KEY
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict and self._extra_state_key in state_dict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
     def expect_resume(self, resuming: bool = True) -> None:
         """Whether the next :meth:`load` is a ``--resume`` of the run that saved the
         checkpoint: it then takes the prototypes whatever ``load_prototypes`` says
         (:class:`PrototypeUpdateHook` says so before the runner loads the state dict)."""
-        self._resuming = resuming
+        self._resuming = self._resuming_state = resuming
 
     @torch.no_grad()
     def load(self, prototypes: Any, key: str = 'prototypes') -> None:
@@ -311,6 +388,21 @@ class PrototypeBank(nn.Module):
             'fine-tune it on another class set or K, set load_prototypes=False in the head '
             '(model.decode_head.load_prototypes=False): the prototypes start fresh and '
             'everything else loads')
+
+
+def _extra_state_problem(state: Any) -> Optional[str]:
+    """What is wrong with a saved extra state, apart from its statistics (None: nothing)."""
+    keys = {'version', 'window_steps', 'window', 'pending'}
+    if not isinstance(state, dict) or set(state) != keys:
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        return f'expected a dict with keys {sorted(keys)}, got {got}'
+    if state['version'] != EXTRA_STATE_VERSION:
+        return (f"it has version {state['version']!r}; this version of mmseg_proto reads "
+                f'version {EXTRA_STATE_VERSION}')
+    steps = state['window_steps']
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
+        return f'window_steps must be an integer >= 0, got {steps!r}'
+    return None
 
 
 def unit_tolerance(dtype: torch.dtype) -> float:
