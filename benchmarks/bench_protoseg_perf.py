@@ -23,6 +23,11 @@ training step of the parametric baseline and of ProtoSeg with ``fused_losses=Tru
 ``False`` (same weights, same batch), alternating in one run, and the share of the unfused
 step the fused path saves.
 
+``--compare-inference`` measures only the two paths of ProtoSeg's inference similarity
+(``PrototypeScorer.class_cosines``: K slabs of C prototypes, or pixel blocks against all
+C*K prototypes): whole inference and the decode head alone on fixed backbone features, of
+the parametric model and of one ProtoSeg model with each path forced, alternating in one run.
+
 CPU memory allocator: every fresh (pixels x C*K) or label-sized tensor costs its page
 faults with glibc's default malloc, which returns large blocks to the OS on free.
 ``--allocator cached`` (default) re-runs the script with glibc told to keep freed memory
@@ -35,6 +40,7 @@ Runs on a GPU unchanged (device chosen automatically; --device to force).
 
     python benchmarks/bench_protoseg_perf.py [--channels 256 768] [--repeats 9] [--compile]
     python benchmarks/bench_protoseg_perf.py --channels 256 --repeats 5 --compare-fused
+    python benchmarks/bench_protoseg_perf.py --channels 256 --infer-repeats 11 --compare-inference
 """
 import argparse
 import os
@@ -267,6 +273,35 @@ def fused_row(ch, args, device):
             f"{saved:.3f} | {100 * saved / t['unfused']:.0f}% |")
 
 
+def inference_row(ch, args, device):
+    """Whole inference and head-alone inference: parametric, ProtoSeg with the slab path and
+    with the block path (one ProtoSeg model, the path forced), one run, alternating."""
+    torch.manual_seed(0)
+    base = build(ch, False, args.k, device).eval()
+    proto = build(ch, True, args.k, device).eval()
+    models = dict(base=base, slabs=proto, blocks=proto)
+    imgs, samples = batch(args.batch, args.size, 150, device)
+    with torch.no_grad():
+        feats = {n: [f.detach() for f in m.extract_feat(imgs)] for n, m in models.items()}
+
+    def run(name, fn):
+        if name != 'base':
+            proto.decode_head.scorer.inference = name
+        return fn()
+
+    whole = alternate({n: (lambda m=m, n=n: run(n, lambda: infer(m, imgs, samples)))
+                       for n, m in models.items()}, args.infer_repeats, device)
+    head = alternate({n: (lambda m=m, n=n: run(n, lambda: head_infer(m, feats[n], samples)))
+                      for n, m in models.items()}, args.infer_repeats, device)
+    proto.decode_head.scorer.inference = None
+    cells = []
+    for t in (whole, head):
+        cells.append(f"{t['base']:.3f} | {t['slabs']:.3f} | {t['blocks']:.3f} | "
+                     f"{t['slabs'] / t['base']:.2f} / {t['blocks'] / t['base']:.2f} | "
+                     f"{100 * (t['slabs'] - t['blocks']) / t['slabs']:.1f}%")
+    return f'| {ch} | ' + ' | '.join(cells) + ' |'
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--channels', type=int, nargs='+', default=[256, 768],
@@ -287,6 +322,9 @@ def main():
     p.add_argument('--compare-fused', action='store_true',
                    help='only the whole training step: parametric, ProtoSeg with '
                    'fused_losses=True and False, in one run (see above)')
+    p.add_argument('--compare-inference', action='store_true',
+                   help='only inference: parametric, ProtoSeg with the slab and with the '
+                   'block similarity path, in one run (see above)')
     args = p.parse_args()
     if args.allocator == 'cached' and sys.platform.startswith('linux') and \
             any(os.environ.get(k) != v for k, v in CACHED_MALLOC.items()):
@@ -306,6 +344,15 @@ def main():
               'train ProtoSeg unfused (s) | ratio to base, fused / unfused | '
               'fused saves (s) | share of the unfused step |')
         print('|' + '---|' * 7)
+        print('\n'.join(rows))
+        return
+    if args.compare_inference:
+        rows = [inference_row(ch, args, device) for ch in args.channels]
+        print('\n| decoder width | infer base (s) | infer slabs (s) | infer blocks (s) | '
+              'ratio to base, slabs / blocks | blocks save | head base (s) | '
+              'head slabs (s) | head blocks (s) | head ratio, slabs / blocks | '
+              'blocks save (head) |')
+        print('|' + '---|' * 11)
         print('\n'.join(rows))
         return
     rows, prof_rows, head_rows, compile_rows = [], [], [], []

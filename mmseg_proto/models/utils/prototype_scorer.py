@@ -7,8 +7,9 @@ prototype orders are in :mod:`.prototype_similarity`):
 - the training step (:meth:`PrototypeScorer.training_scores`): one of three implementations
   of the :class:`TrainingScores` contract below, chosen once from the head's options by
   :meth:`PrototypeScorer.from_options`;
-- inference (:meth:`PrototypeScorer.class_cosines`): the running max over K slabs of C
-  prototypes, never the (pixels x C*K) matrix;
+- inference (:meth:`PrototypeScorer.class_cosines`): never the whole (pixels x C*K)
+  matrix; either a running max over K slabs of C prototypes or pixel blocks against all C*K
+  prototypes, chosen once from the shapes by :func:`inference_path`;
 - the differentiable class scores of a forward with autograd
   (:meth:`PrototypeScorer.class_scores`) and the cosine of every pixel to every prototype
   (:meth:`PrototypeScorer.cosines`, for the visualisation, health and anomaly tools).
@@ -45,6 +46,38 @@ from .prototype_similarity import (prototype_matrix, similarity_column,
 from .prototype_statistics import PrototypeBatch
 
 PATHS = ('eager', 'fused', 'streamed')
+INFERENCE_PATHS = ('slabs', 'blocks')
+# The blocked inference path's (pixels x K*C) block: about BLOCK_BYTES (what stays in a
+# core's L2 of the measured CPUs, 2 MiB), and at least MIN_BLOCK_PIXELS pixels (a GEMM of
+# fewer rows re-reads all C*K prototypes for too little work). See pixel_block.
+BLOCK_BYTES = 2 * 2**20
+MIN_BLOCK_PIXELS = 256
+
+
+def pixel_block(columns: int, element_size: int) -> int:
+    """Pixels per block of the blocked inference path, for ``columns`` = C*K similarities
+    of ``element_size`` bytes: ``BLOCK_BYTES`` of similarities, at least
+    ``MIN_BLOCK_PIXELS`` pixels (e.g. fp32, CamVid 11 x 10: 4766 pixels, 2 MiB; ADE20K
+    150 x 10: 349, 2 MiB; ADE20K-full 847 x 10: 256, 8.3 MiB)."""
+    return max(MIN_BLOCK_PIXELS, BLOCK_BYTES // (columns * element_size))
+
+
+def inference_path(num_classes: int, num_prototypes: int, dim: int, device: torch.device,
+                   threads: Optional[int] = None) -> str:
+    """Which path :meth:`PrototypeScorer.class_cosines` takes for C, K, D on ``device`` with
+    ``threads`` intra-op threads (default: ``torch.get_num_threads()``).
+
+    The rule is what was measured (benchmarks/bench_inference_similarity.py,
+    docs/benchmarks.md, 2-core Intel Xeon): on one CPU thread the blocks win at every
+    measured shape (C x K x D from 11 x 10 x 256 to 847 x 10 x 256, 1.1-1.9x); with more
+    CPU threads the blocks' many small parallel GEMMs were measured only on a loaded
+    machine, where they lost badly, and on a GPU not at all: the slabs, the earlier path,
+    stay there. C, K and D do not enter the rule: no measured shape reversed it.
+    """
+    if torch.device(device).type != 'cpu':
+        return 'slabs'
+    threads = torch.get_num_threads() if threads is None else threads
+    return 'blocks' if threads == 1 else 'slabs'
 
 
 def standard_prototype_losses(loss_proto: Sequence[nn.Module]) -> bool:
@@ -201,14 +234,21 @@ class PrototypeScorer:
         chunk (int, optional): Pixels per block of the streamed path. Default: None.
         inv_temperature (float): 1 / the PPC temperature, which the fused and streamed
             paths fold into the similarities. Default: 1.0.
+        inference (str, optional): Force the path of :meth:`class_cosines`, 'slabs' or
+            'blocks' (benchmarks, tests); None: chosen from the shapes by
+            :func:`inference_path`. Default: None.
     """
 
     def __init__(self, distance: str = 'cosine', huber_delta: float = 1.0,
                  path: str = 'eager', chunk: Optional[int] = None,
-                 inv_temperature: float = 1.0) -> None:
+                 inv_temperature: float = 1.0, inference: Optional[str] = None) -> None:
         if path not in PATHS or (path == 'streamed') != (chunk is not None):
             raise ValueError(f'PrototypeScorer: path={path!r}, chunk={chunk!r}: the path '
                              f"is one of {PATHS}, and a chunk goes with 'streamed' only")
+        if inference is not None and inference not in INFERENCE_PATHS:
+            raise ValueError(f'PrototypeScorer: inference={inference!r}: one of '
+                             f'{INFERENCE_PATHS} or None (chosen from the shapes)')
+        self.inference = inference
         self.distance = distance
         self.huber_delta = float(huber_delta)
         self.path = path
@@ -269,25 +309,52 @@ class PrototypeScorer:
         sims = self.similarity(F.linear(emb, prototype_matrix(prototypes).to(emb.dtype)))
         return similarity_slabs(sims, c, k).max(dim=-2).values
 
+    def inference_path(self, num_classes: int, num_prototypes: int, dim: int,
+                       device: torch.device) -> str:
+        """The path of :meth:`class_cosines` for these shapes: ``self.inference`` when set,
+        else :func:`inference_path` (the measured rule)."""
+        if self.inference is not None:
+            return self.inference
+        return inference_path(num_classes, num_prototypes, dim, device)
+
     @torch.no_grad()
     def class_cosines(self, emb: Tensor, prototypes: Tensor) -> Tensor:
         """(..., C) cosine of the nearest of each class's K prototypes, for inference.
 
-        The (pixels x C*K) matrix is never formed: the K prototypes of every class are
-        taken one slab (C prototypes) at a time with a running max, so memory holds (pixels
-        x C) scores (ADE20K-full: 847 instead of 8470 per pixel).
+        The (pixels x C*K) matrix is never formed whole. Two paths, chosen from the shapes
+        (:meth:`inference_path`), equal up to the GEMM's rounding (the max is exact):
+
+        - ``'slabs'``: the K prototypes of every class one slab (C prototypes) at a time,
+          with a running max; memory holds (pixels x C) scores (ADE20K-full: 847 instead
+          of 8470 per pixel);
+        - ``'blocks'``: blocks of pixels against all C*K prototypes at once (one wider
+          GEMM), the max over K taken while the (block x C*K) similarities are in cache;
+          memory holds one block (:func:`pixel_block`).
+
+        While exporting (TorchScript, ONNX, torch.export, torch.compile) the slabs are
+        used: a loop over pixel blocks would be unrolled for the traced image size.
         """
         flat = emb.reshape(-1, emb.shape[-1])
         c, k = prototypes.shape[:2]
-        slabs = similarity_slabs(prototype_matrix(prototypes).to(emb.dtype), c, k,
-                                 dim=0)  # (K, C, D)
-        class_scores = F.linear(flat, slabs[0])
-        # One (pixels x C) buffer for every slab (no fresh allocation per slab); autocast
-        # does not take out= arguments, and exporters (TorchScript, ONNX, torch.export)
-        # take neither out= nor in place.
+        matrix = prototype_matrix(prototypes).to(emb.dtype)  # (K*C, D), rows k * C + c
         exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
             or torch.compiler.is_compiling()
+        # Buffers reused through out= (no fresh allocation per slab or block); autocast does
+        # not take out= arguments, and exporters take neither out= nor in place.
         reuse = not (exporting or torch.is_autocast_enabled(emb.device.type))
+        blocks = self.inference_path(c, k, flat.shape[1], emb.device) == 'blocks'
+        if blocks and not exporting and flat.shape[0]:
+            scores = self._class_cosines_blocks(flat, matrix, c, k, reuse)
+        else:
+            scores = self._class_cosines_slabs(flat, matrix, c, k, reuse)
+        return scores.view(*emb.shape[:-1], c)
+
+    @staticmethod
+    def _class_cosines_slabs(flat: Tensor, matrix: Tensor, c: int, k: int,
+                             reuse: bool) -> Tensor:
+        """(N, C) running max over the K (C, D) slabs of ``matrix``."""
+        slabs = similarity_slabs(matrix, c, k, dim=0)  # (K, C, D)
+        class_scores = F.linear(flat, slabs[0])
         buf = torch.empty_like(class_scores) if reuse else None
         for slab in slabs[1:]:
             if reuse:
@@ -295,7 +362,27 @@ class PrototypeScorer:
                               out=class_scores)
             else:
                 class_scores = torch.maximum(class_scores, F.linear(flat, slab))
-        return class_scores.view(*emb.shape[:-1], -1)
+        return class_scores
+
+    @staticmethod
+    def _class_cosines_blocks(flat: Tensor, matrix: Tensor, c: int, k: int,
+                              reuse: bool) -> Tensor:
+        """(N, C) max over K of (block x K*C) similarities, one block of pixels at a
+        time (never while exporting: the loop runs over the pixel count)."""
+        n = flat.shape[0]
+        block = min(n, pixel_block(c * k, matrix.element_size()))
+        scores: Optional[Tensor] = None
+        buf = flat.new_empty(block, k * c) if reuse else None
+        for start in range(0, n, block):
+            end = min(start + block, n)
+            if reuse:
+                sims = torch.mm(flat[start:end], matrix.T, out=buf[:end - start])
+            else:  # autocast: the GEMM's dtype is autocast's
+                sims = F.linear(flat[start:end], matrix)
+            if scores is None:
+                scores = sims.new_empty(n, c)
+            torch.amax(similarity_slabs(sims, c, k), dim=-2, out=scores[start:end])
+        return scores
 
     @staticmethod
     def cosines(emb: Tensor, prototypes: Tensor) -> Tensor:

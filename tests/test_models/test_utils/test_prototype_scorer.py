@@ -12,6 +12,7 @@ from mmseg_proto.models.losses import (PixelPrototypeContrastLoss,
                                        PixelPrototypeDistanceLoss)
 from mmseg_proto.models.utils import FusedPrototypeScores, PrototypeScorer
 from mmseg_proto.models.utils.prototype_similarity import similarity_column
+from mmseg_proto.models.utils import prototype_scorer as scorer_module
 from mmseg_proto.models.utils.prototype_scorer import FusedScores, StreamedScores
 
 
@@ -139,6 +140,105 @@ def test_inference_slab_loop_equals_the_whole_matrix(distance):
     torch.testing.assert_close(scorer.class_scores(emb, protos),
                                scorer.similarity(by_hand.amax(-1)))
     assert not scorer.class_cosines(emb.requires_grad_(), protos).requires_grad
+
+
+# ------------------------------------------------ inference: slabs and blocks --
+
+def independent_class_cosines(emb, protos):
+    """(..., C) max over K of the cosines, straight from the (C, K, D) buffer's order."""
+    c, k, d = protos.shape
+    return F.linear(emb, protos.reshape(c * k, d)).unflatten(-1, (c, k)).amax(-1)
+
+
+@pytest.mark.parametrize('inference', ['slabs', 'blocks', None])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('c,k,n', [(6, 3, 40), (30, 10, 1001)])  # 300 > 255 columns
+def test_inference_paths_equal_the_independent_reference(inference, dtype, c, k, n,
+                                                         monkeypatch):
+    # 1001 pixels: 3 blocks of 256 (the smallest block) and a last one of 233.
+    monkeypatch.setattr(scorer_module, 'BLOCK_BYTES', 1)
+    g = torch.Generator().manual_seed(1)
+    emb = F.normalize(torch.randn(n, 16, generator=g, dtype=dtype), dim=-1)
+    protos = F.normalize(torch.randn(c, k, 16, generator=g, dtype=dtype), dim=-1)
+    got = PrototypeScorer(inference=inference).class_cosines(emb.view(1, n, 16), protos)
+    want = independent_class_cosines(emb, protos)
+    assert got.shape == (1, n, c) and got.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got[0], want, rtol=0, atol=16 * eps)  # GEMM rounding only
+    assert torch.equal(got[0].argmax(-1), want.argmax(-1))
+
+
+def test_inference_blocks_take_the_max_of_each_class_exactly():
+    # Prototype (c, k) = e_{c*K+k} scaled so that its cosine with pixel p is distinct:
+    # each class's max is one exact value, which a wrong slab order would misplace.
+    c, k, n = 7, 4, 300
+    protos = torch.eye(c * k).view(c, k, c * k)
+    emb = torch.rand(n, c * k, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for inference in ('slabs', 'blocks'):
+        got = PrototypeScorer(inference=inference).class_cosines(emb, protos)
+        assert torch.equal(got, emb.view(n, c, k).amax(-1)), inference
+
+
+def test_inference_block_is_bounded_and_empty_inputs_work():
+    assert scorer_module.pixel_block(110, 4) == scorer_module.BLOCK_BYTES // 440
+    assert scorer_module.pixel_block(8470, 4) == scorer_module.MIN_BLOCK_PIXELS
+    emb, protos = torch.zeros(0, 8), F.normalize(torch.randn(3, 2, 8), dim=-1)
+    for inference in ('slabs', 'blocks'):
+        assert PrototypeScorer(inference=inference).class_cosines(emb, protos).shape == (0, 3)
+
+
+@pytest.mark.parametrize('device,threads,path', [
+    ('cpu', 1, 'blocks'),  # measured: 1.1-1.9x at every shape
+    ('cpu', 2, 'slabs'),  # not shown faster (see docs/benchmarks.md)
+    ('cuda', 1, 'slabs'),  # not measured
+    ('meta', 1, 'slabs'),
+])
+def test_inference_path_is_chosen_from_the_shapes(device, threads, path, monkeypatch):
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: threads)
+    for c, k, d in [(11, 10, 256), (150, 10, 256), (150, 10, 768), (847, 10, 256)]:
+        assert scorer_module.inference_path(c, k, d, torch.device(device)) == path
+        assert scorer_module.inference_path(c, k, d, torch.device(device), threads) == path
+        assert PrototypeScorer().inference_path(c, k, d, torch.device(device)) == path
+        for forced in ('slabs', 'blocks'):
+            assert PrototypeScorer(inference=forced).inference_path(
+                c, k, d, torch.device(device)) == forced
+    with pytest.raises(ValueError, match='inference='):
+        PrototypeScorer(inference='whole')
+
+
+@pytest.mark.parametrize('inference', ['slabs', 'blocks'])
+def test_inference_paths_trace_and_export_for_any_image_size(inference, tmp_path):
+    # A pixel-block loop would be unrolled for the traced size: while exporting, the slabs.
+    c, k = 30, 10
+    protos = F.normalize(torch.randn(c, k, 8), dim=-1)
+    scorer = PrototypeScorer(inference=inference)
+
+    class Scores(torch.nn.Module):
+
+        def forward(self, emb):
+            return scorer.class_cosines(emb, protos)
+
+    small, large = (F.normalize(torch.randn(1, h, 9, 8), dim=-1) for h in (3, 70))
+    traced = torch.jit.trace(Scores(), small)
+    torch.testing.assert_close(traced(large), independent_class_cosines(large, protos))
+    ort = pytest.importorskip('onnxruntime')
+    path = str(tmp_path / 'scores.onnx')
+    torch.onnx.export(Scores(), (small, ), path, input_names=['emb'], dynamo=False,
+                      dynamic_axes={'emb': {1: 'h'}})
+    got = ort.InferenceSession(path).run(None, {'emb': large.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), independent_class_cosines(large, protos))
+
+
+@pytest.mark.parametrize('inference', ['slabs', 'blocks'])
+def test_inference_paths_under_autocast(inference):
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(600, 16, generator=g), dim=-1)
+    protos = F.normalize(torch.randn(30, 10, 16, generator=g), dim=-1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = PrototypeScorer(inference=inference).class_cosines(emb, protos)
+        want = independent_class_cosines(emb, protos)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
 
 
 def test_cosines_keep_the_buffer_order():
