@@ -47,26 +47,30 @@ HEADS = ('protoseg', 'parametric')
 FIGURE_ROW = dict(protoseg='ProtoSeg, K prototypes, held-out offset',
                   parametric='parametric, imprinting, held-out bias')
 FIGURE_SHOTS = 5
+# add_classes(num_prototypes=HEAD_K): the head's own K (the add_classes default is 1).
+HEAD_K = 'head'
 # row name -> (head, add_classes options)
 ROWS = {
-    # The package's default: the offset calibrated on the support pixels (in-sample).
-    'ProtoSeg, K prototypes': ('protoseg', dict()),
+    # The package's default offset: calibrated on the support pixels (in-sample).
+    'ProtoSeg, K prototypes': ('protoseg', dict(num_prototypes=HEAD_K)),
     'ProtoSeg, one mean prototype': ('protoseg', dict(num_prototypes=1)),
     'parametric, imprinting': ('parametric', dict()),
     # Each support image scored by the class placed from the other images only.
-    'ProtoSeg, K prototypes, held-out offset': ('protoseg', dict(held_out_calibration=True)),
+    'ProtoSeg, K prototypes, held-out offset': (
+        'protoseg', dict(num_prototypes=HEAD_K, held_out_calibration=True)),
     'ProtoSeg, one mean prototype, held-out offset': (
         'protoseg', dict(num_prototypes=1, held_out_calibration=True)),
     'parametric, imprinting, held-out bias': ('parametric', dict(held_out_calibration=True)),
     # The plain offset: the mean of the trained classes' (plain imprinting).
-    'ProtoSeg, K prototypes, plain offset': ('protoseg', dict(calibrate=False)),
+    'ProtoSeg, K prototypes, plain offset': ('protoseg',
+                                             dict(num_prototypes=HEAD_K, calibrate=False)),
     'ProtoSeg, one mean prototype, plain offset': ('protoseg',
                                                    dict(num_prototypes=1, calibrate=False)),
     'parametric, imprinting, plain bias': ('parametric', dict(calibrate=False)),
     # The same small refinement budget for both heads: 50 Adam steps (lr 0.01) on the new
     # class's own parameters over the support images (after the held-out offset).
     'ProtoSeg, K prototypes, held-out offset, refined': (
-        'protoseg', dict(held_out_calibration=True, refine_steps=50)),
+        'protoseg', dict(num_prototypes=HEAD_K, held_out_calibration=True, refine_steps=50)),
     'ProtoSeg, one mean prototype, held-out offset, refined': (
         'protoseg', dict(num_prototypes=1, held_out_calibration=True, refine_steps=50)),
     'parametric, imprinting, held-out bias, refined': (
@@ -219,6 +223,8 @@ def evaluate(work_dir: str, data_root: str, held: int, head: str, shots: list,
     for row, (row_head, options) in ROWS.items():
         if row_head != head:
             continue
+        if options.get('num_prototypes') == HEAD_K:
+            options = dict(options, num_prototypes=model.decode_head.num_prototypes)
         for shot in shots:
             for d in range(draws):
                 support = draw(pool, shot, held, d)

@@ -349,8 +349,10 @@ def add_classes(model: nn.Module, names: Sequence[str], supports: Sequence[Suppo
             False (default), or one image: on the scores of the class placed from all of
             them (measured better on CamVid at 5 and 10 shots, docs/add_class.md).
         num_prototypes (int, optional): ProtoHead only (refused for other heads):
-            prototypes of the new class, at most the head's K (fewer are repeated).
-            Default: K.
+            distinct prototypes of the new class, at most the head's K (fewer are
+            repeated). None (default): 1, the normalised mean of the support embeddings,
+            measured better than K clustered prototypes on CamVid at 5 and 10 images
+            (docs/add_class.md).
         seed (int): Seed of the clustering's start. Default: 0.
         refine_steps (int): After placing and calibrating, this many Adam steps on the new
             class's own parameters only (ProtoHead: its prototypes and ``mask_norm`` entry;
@@ -422,7 +424,7 @@ def _add_classes(model, names, supports, mask_values, palette, calibrate, num_pr
     new = copy.deepcopy(model).eval()
     adapter = head_adapter(new)
     k_head = getattr(new.decode_head, 'num_prototypes', 1)
-    k_new = k_head if num_prototypes is None else num_prototypes
+    k_new = 1 if num_prototypes is None else num_prototypes
     if adapter.method == 'prototypes' and not (1 <= k_new <= k_head):
         raise AddClassError(f'num_prototypes={k_new}: must be in [1, {k_head}] (the head '
                             'holds K prototypes per class; fewer are repeated)')

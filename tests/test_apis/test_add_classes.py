@@ -167,15 +167,16 @@ def test_added_class_leaves_trained_classes_untouched(which, request, tmp_path):
         assert bool((pred[changed] == 11).all())  # only where the new class wins
 
 
-def test_new_prototypes_against_an_independent_computation(protoseg, tmp_path):
-    """K = 1: the new prototype is the normalised mean of the support pixels' embeddings,
-    computed here through the head's own modules by hand (decoder -> LayerNorm -> L2),
-    with the mask resized as MMSeg resizes labels."""
+@pytest.mark.parametrize('options', [{}, dict(num_prototypes=1)], ids=['default', 'k1'])
+def test_new_prototypes_against_an_independent_computation(protoseg, tmp_path, options):
+    """K = 1, the default: the new prototype is the normalised mean of the support pixels'
+    embeddings, computed here through the head's own modules by hand (decoder -> LayerNorm
+    -> L2), with the mask resized as MMSeg resizes labels."""
     from mmcv.transforms import Compose
     _, _, model = protoseg
     image = car_images(1)[0]
     support = support_of([image], tmp_path)
-    new, report = add_classes(model, ['mystery'], [support], num_prototypes=1)
+    new, report = add_classes(model, ['mystery'], [support], **options)
     head = model.decode_head
     pipeline = Compose([t for t in model.cfg.test_pipeline if t['type'] != 'LoadAnnotations'])
     data = pipeline(dict(img_path=image))

@@ -38,7 +38,9 @@ def parse_args(argv=None):
                    help='the class value in label-map masks, one per name (default: '
                    'binary masks)')
     p.add_argument('--num-prototypes', type=int,
-                   help="ProtoHead: distinct prototypes of a new class (default: the head's K)")
+                   help='ProtoHead: distinct prototypes of a new class, at most the head\'s K '
+                   '(default: 1, the mean of its support embeddings; measured better than K '
+                   'on CamVid, docs/add_class.md)')
     p.add_argument('--no-calibrate', action='store_true',
                    help="offset = the mean of the trained classes' (plain imprinting)")
     p.add_argument('--out', required=True, help='folder for the new config and checkpoint')
