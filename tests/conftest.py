@@ -24,15 +24,24 @@ from mmengine.registry import init_default_scope  # noqa: E402
 init_default_scope('mmseg')
 
 
+def without_validation(cfg):
+    """``cfg`` with no validation loop. mmengine's IterBasedTrainLoop validates after the last
+    iteration whatever ``val_interval`` says (here all 20 bundled val images at 240 x 180,
+    most of a short training's time); trainings whose tests read weights only skip it."""
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    return cfg
+
+
 def train_camvid_protoseg(work_dir, iters, crop=64, batch_size=1, seed=None):
     """Train the shipped CamVid ProtoSeg config for ``iters`` iterations on ``crop`` x ``crop``
-    crops of the bundled images; returns (checkpoint path, the runner's model)."""
+    crops of the bundled images, without validation; returns (checkpoint path, the runner's
+    model)."""
     from mmengine.config import Config
     from mmengine.runner import Runner
     cfg = Config.fromfile(PROTO_CFG)
     cfg.work_dir = str(work_dir)
     cfg.train_cfg.max_iters = iters
-    cfg.train_cfg.val_interval = 10 * iters
+    without_validation(cfg)
     cfg.default_hooks.checkpoint.interval = iters
     cfg.default_hooks.logger.interval = iters
     cfg.model.data_preprocessor.size = (crop, crop)
@@ -46,6 +55,22 @@ def train_camvid_protoseg(work_dir, iters, crop=64, batch_size=1, seed=None):
     runner = Runner.from_cfg(cfg)
     runner.train()
     return osp.join(str(work_dir), f'iter_{iters}.pth'), runner.model
+
+
+@pytest.fixture(scope='session')
+def camvid_protoseg(tmp_path_factory):
+    """(checkpoint, its trained prototypes) of ``train_camvid_protoseg(iters=2)`` (64 x 64
+    crops): one short ProtoSeg training of the shipped CamVid config, trained once per test
+    session for every module that only reads such a checkpoint (inference, export, add-class,
+    galleries, tools). Tests that change a checkpoint work on a copy; the teardown checks
+    that the file is unchanged."""
+    import hashlib
+    ckpt, model = train_camvid_protoseg(tmp_path_factory.mktemp('camvid_protoseg'), iters=2)
+    with open(ckpt, 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    yield ckpt, model.decode_head.prototypes.detach().clone()
+    with open(ckpt, 'rb') as f:
+        assert hashlib.sha256(f.read()).hexdigest() == digest, f'a test changed {ckpt}'
 
 
 def make_head(num_classes=4, channels=8, num_prototypes=3, **kwargs):

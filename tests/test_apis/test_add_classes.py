@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO, train_camvid_protoseg
+from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO
 
 from mmseg_proto.apis import (AddClassError, add_classes, calibrate_offset, imprint_weight,
                               place_prototypes)
@@ -37,10 +37,11 @@ def car_images(n):
 
 
 @pytest.fixture(scope='module')
-def protoseg(tmp_path_factory):
-    """(config, checkpoint, model) of 2 iterations of the shipped CamVid ProtoSeg config."""
+def protoseg(camvid_protoseg):
+    """(config, checkpoint, model) of 2 iterations of the shipped CamVid ProtoSeg config
+    (conftest's session-wide checkpoint)."""
     from mmseg.apis import init_model
-    ckpt, _ = train_camvid_protoseg(tmp_path_factory.mktemp('add_class'), iters=2)
+    ckpt = camvid_protoseg[0]
     return PROTO_CFG, ckpt, init_model(PROTO_CFG, ckpt, device='cpu')
 
 
@@ -302,8 +303,38 @@ def test_bad_input_is_refused_with_a_message(case, protoseg, tmp_path):
 
 # ---------------------------------------------------------------- the tool
 def run_tool(*args):
+    """The tool as a command: ``python add_class.py ARGS`` from the repository root."""
     return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True,
                           text=True, cwd=REPO)
+
+
+def run_tool_here(*args):
+    """The tool's ``main(ARGS)`` in this process, from the repository root, reported as
+    ``run_tool`` reports the command: returncode, stdout and stderr, where a SystemExit
+    message goes to stderr with status 1, as the interpreter does. Saves the interpreter's
+    start and imports for the cases about what the tool does, not how it is started."""
+    import contextlib
+    import importlib.util
+    import io
+    import types
+    spec = importlib.util.spec_from_file_location('add_class_tool', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = module.main([str(a) for a in args])
+            except SystemExit as stop:
+                code = stop.code
+    finally:
+        os.chdir(cwd)
+    if code is not None and not isinstance(code, int):
+        err.write(f'{code}\n')
+        code = 1
+    return types.SimpleNamespace(returncode=code or 0, stdout=out.getvalue(),
+                                 stderr=err.getvalue())
 
 
 def test_tool_writes_a_model_mmseg_loads(protoseg, tmp_path):
@@ -328,15 +359,17 @@ def test_tool_writes_a_model_mmseg_loads(protoseg, tmp_path):
         VAL[0], return_datasamples=True)
     assert out_inf.seg_logits.data.shape[0] == 12
     # MMSeg's test tool (the package's tools/test.py runs mmseg's) on the written config
+    # (its first 4 val images: the class table is what is read)
     work = tmp_path / 'test_work'
     proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'test.py'), new_cfg,
-                           new_ckpt, '--work-dir', str(work)], capture_output=True,
+                           new_ckpt, '--work-dir', str(work), '--cfg-options',
+                           'test_dataloader.dataset.indices=4'], capture_output=True,
                           text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'mystery' in proc.stdout + proc.stderr
     # a second run into the same folder is refused (no --force): nothing replaced
     before = open(new_ckpt, 'rb').read()
-    proc = run_tool(cfg, ckpt, '--name', 'other', '--support', lst, '--out', out)
+    proc = run_tool_here(cfg, ckpt, '--name', 'other', '--support', lst, '--out', out)
     assert proc.returncode != 0 and 'already holds a checkpoint' in proc.stderr
     assert open(new_ckpt, 'rb').read() == before
 
@@ -349,20 +382,20 @@ def test_tool_refuses_bad_input_and_writes_nothing(protoseg, tmp_path):
     lst = tmp_path / 'list.txt'
     lst.write_text(f'{image} {empty}\n')
     out = tmp_path / 'out'
-    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
+    proc = run_tool_here(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
     assert proc.returncode != 0 and 'no pixel of the class' in proc.stderr
     assert 'nothing was written' in proc.stderr
     assert not out.exists() or not os.listdir(out)
     lst.write_text(f'{image}\n')
-    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
+    proc = run_tool_here(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
     assert proc.returncode != 0 and 'expected IMAGE MASK' in proc.stderr
     lst.write_text(f'{image} {empty}\n')
-    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', ckpt)
+    proc = run_tool_here(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', ckpt)
     assert proc.returncode != 0 and 'is a file' in proc.stderr
     user = tmp_path / 'user'
     user.mkdir()
     (user / osp.basename(cfg)).write_text('mine')  # the name of the config it would write
-    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', user,
+    proc = run_tool_here(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', user,
                     '--force')
     assert proc.returncode != 0 and 'not replacing it' in proc.stderr
 
@@ -486,7 +519,7 @@ def added_twice(protoseg, tmp_path_factory):
     lst = folder / 'support.txt'
     lst.write_text(''.join(f'{i} {m}\n' for i, m in pairs))
     for name, out in (('first', folder / 'one'), ('second', folder / 'two')):
-        proc = run_tool(cfg, ckpt, '--name', name, '--support', lst, '--out', out)
+        proc = run_tool_here(cfg, ckpt, '--name', name, '--support', lst, '--out', out)
         assert proc.returncode == 0, proc.stderr[-3000:]
         cfg, ckpt = str(out / osp.basename(cfg)), str(out / osp.basename(ckpt))
     return cfg, ckpt
@@ -615,7 +648,8 @@ def test_tool_refuses_another_models_checkpoint(protoseg, parametric, tmp_path):
     lst = tmp_path / 'list.txt'
     lst.write_text(''.join(f'{i} {m}\n' for i, m in pairs))
     out = tmp_path / 'out'
-    proc = run_tool(cfg, parametric[1], '--name', 'mystery', '--support', lst, '--out', out)
+    proc = run_tool_here(cfg, parametric[1], '--name', 'mystery', '--support', lst,
+                         '--out', out)
     assert proc.returncode != 0
     assert 'does not fit the config' in proc.stderr and 'decode_head.prototypes' in proc.stderr
     assert 'nothing was written' in proc.stderr
@@ -647,7 +681,7 @@ def test_fine_tuning_config_is_written_to_load_its_prototypes(protoseg, tmp_path
 def test_tool_refuses_a_device_it_cannot_use(device, message, tmp_path):
     if device == 'cuda' and torch.cuda.is_available():
         pytest.skip('a CUDA device is present')
-    proc = run_tool(PROTO_CFG, tmp_path / 'ck.pth', '--name', 'x', '--support',
+    proc = run_tool_here(PROTO_CFG, tmp_path / 'ck.pth', '--name', 'x', '--support',
                     tmp_path / 'l.txt', '--out', tmp_path / 'out', '--device', device)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / 'out').exists()

@@ -1,21 +1,22 @@
 """MMSeg's inference APIs on a ProtoHead checkpoint: init_model / inference_model and
 MMSegInferencer (one image, a folder, saved visualisations)."""
 import glob
+import os
 import os.path as osp
 
 import numpy as np
 import pytest
 import torch
-from conftest import CAMVID_MINI, PROTO_CFG, train_camvid_protoseg
+from conftest import CAMVID_MINI, PROTO_CFG
 
 VAL_DIR = osp.join(CAMVID_MINI, 'img_dir', 'val')
 
 
 @pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    """A ProtoSeg checkpoint from 2 iterations of the shipped CamVid config."""
-    ckpt, model = train_camvid_protoseg(tmp_path_factory.mktemp('inference'), iters=2)
-    return ckpt, model.decode_head.prototypes.clone()
+def checkpoint(camvid_protoseg):
+    """(ProtoSeg checkpoint from 2 iterations of the shipped CamVid config, its prototypes):
+    conftest's session-wide one."""
+    return camvid_protoseg
 
 
 def test_init_model_and_inference_model(checkpoint):
@@ -42,10 +43,16 @@ def test_mmseg_inferencer_on_an_image_and_a_folder(checkpoint, tmp_path):
     image = sorted(glob.glob(osp.join(VAL_DIR, '*.jpg')))[0]
     out = inferencer(image, return_datasamples=True)
     assert out.pred_sem_seg.data.shape[0] == 1
-    out = inferencer(VAL_DIR, out_dir=str(tmp_path), batch_size=4)
-    n = len(glob.glob(osp.join(VAL_DIR, '*.jpg')))
+    # A folder of 3 of the val images in batches of 2 (one full batch, one partial).
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for path in sorted(glob.glob(osp.join(VAL_DIR, '*.jpg')))[:3]:
+        os.symlink(path, folder / osp.basename(path))
+    out = inferencer(str(folder), out_dir=str(tmp_path / 'out'), batch_size=2)
+    n = 3
     preds = out['predictions']
     assert len(preds) == n and isinstance(preds[0], np.ndarray)
     assert set(np.unique(np.concatenate([p.ravel() for p in preds]))) <= set(range(11))
-    saved = glob.glob(osp.join(tmp_path, 'vis', '*')) + glob.glob(osp.join(tmp_path, 'pred', '*'))
+    saved = (glob.glob(osp.join(tmp_path, 'out', 'vis', '*'))
+             + glob.glob(osp.join(tmp_path, 'out', 'pred', '*')))
     assert len(saved) >= n

@@ -27,7 +27,7 @@ import time
 
 import pytest
 import torch
-from conftest import PROTO_CFG, REPO
+from conftest import PROTO_CFG, REPO, without_validation
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import CheckpointLoader, Runner
@@ -73,7 +73,7 @@ def resume_cfg(work_dir, max_iters, name, **extra):
     cfg.merge_from_dict(SMALL)
     shrink_pipeline(cfg)
     cfg.train_cfg.max_iters = max_iters
-    cfg.train_cfg.val_interval = 100000
+    without_validation(cfg)
     cfg.default_hooks.checkpoint.interval = N
     cfg.default_hooks.logger.interval = 1
     cfg.merge_from_dict(extra)
@@ -199,6 +199,9 @@ def test_sigkill_then_resume_finishes(tmp_path):
         'train_dataloader = dict(batch_size=2, '
         'dataset=dict(pipeline=train_pipeline))\n'
         f'train_cfg = dict(max_iters={max_iters}, val_interval=100000)\n'
+        # No validation at all (mmengine validates after the last iteration whatever
+        # val_interval says): conftest.without_validation.
+        'val_dataloader = None\nval_cfg = None\nval_evaluator = None\n'
         f'default_hooks = dict(checkpoint=dict(interval={interval}, '
         'max_keep_ckpts=2), logger=dict(interval=1))\n')
     work_dir = tmp_path / 'work'

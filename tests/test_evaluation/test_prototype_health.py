@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PROTO_CFG, REPO
+from conftest import PROTO_CFG, REPO, without_validation
 
 from mmseg_proto.evaluation import (format_health_table, nearest_prototype_usage,
                                     prototype_health)
@@ -70,7 +70,7 @@ def checkpoint(tmp_path_factory):
     cfg = Config.fromfile(PROTO_CFG)
     cfg.work_dir = str(work_dir)
     cfg.train_cfg.max_iters = 2
-    cfg.train_cfg.val_interval = 100
+    without_validation(cfg)
     cfg.default_hooks.checkpoint.interval = 2
     Runner.from_cfg(cfg).train()
     return str(work_dir / 'iter_2.pth')

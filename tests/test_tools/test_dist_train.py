@@ -145,6 +145,11 @@ def write_config(tmp_path) -> str:
                  end={ITERS})
         ]
         train_cfg = dict(max_iters={ITERS}, val_interval=100000)
+        # No validation at all (mmengine validates after the last iteration whatever
+        # val_interval says): conftest.without_validation.
+        val_dataloader = None
+        val_cfg = None
+        val_evaluator = None
         default_hooks = dict(
             checkpoint=dict(interval={ITERS}),
             logger=dict(interval=1))

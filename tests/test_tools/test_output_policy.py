@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CAMVID_MINI, PROTO_CFG, REPO, train_camvid_protoseg
+from conftest import CAMVID_MINI, PROTO_CFG, REPO
 
 from mmseg_proto.utils.output_files import (MANIFEST, OutputFolder, OutputPathError,
                                             atomic_output, check_not_input,
@@ -301,10 +301,11 @@ def test_every_tool_refuses_each_input_as_out(rel, tmp_path, monkeypatch, capsys
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """A 2-iteration CamVid ProtoSeg checkpoint and a 1-image gallery of it."""
+def trained(tmp_path_factory, camvid_protoseg):
+    """A 2-iteration CamVid ProtoSeg checkpoint (conftest's session-wide one) and a 1-image
+    gallery of it."""
     root = tmp_path_factory.mktemp('output_policy')
-    ckpt, _ = train_camvid_protoseg(root / 'train', iters=2, crop=64)
+    ckpt = camvid_protoseg[0]
     report = root / 'report'
     load_tool('tools/analysis_tools/prototype_report.py').main(
         [PROTO_CFG, ckpt, '--out', str(report), '--num-images', '1', '--per-prototype', '1',

@@ -113,7 +113,8 @@ def test_mim_trains_and_tests_a_config_inheriting_ours(installed):
     (work / 'my_camvid.py').write_text(
         f"_base_ = ['mmseg_proto::{CAMVID}']\n"
         'train_dataloader = dict(num_workers=0, persistent_workers=False)\n'
-        'val_dataloader = dict(num_workers=0, persistent_workers=False)\n'
+        'val_dataloader = dict(num_workers=0, persistent_workers=False,\n'
+        '                      dataset=dict(indices=4))\n'
         'test_dataloader = val_dataloader\n'
         'train_cfg = dict(max_iters=2, val_interval=2)\n'
         'default_hooks = dict(checkpoint=dict(interval=2))\n')
@@ -134,7 +135,8 @@ def test_mim_trains_one_of_our_configs_by_name(installed):
     out = run([python, '-m', 'mim', 'train', 'mmseg_proto', name, '--work-dir', 'byname',
                '--cfg-options', 'train_cfg.max_iters=1', 'train_cfg.val_interval=1',
                'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
-               'val_dataloader.num_workers=0', 'val_dataloader.persistent_workers=False'],
+               'val_dataloader.num_workers=0', 'val_dataloader.persistent_workers=False',
+               'val_dataloader.dataset.indices=4'],
               cwd=work, env=env).stdout
     assert f"The path {name} doesn't exist but we find the config file" in out
     assert osp.join('.mim', 'configs', CAMVID) in out

@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO
+from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO, without_validation
 
 NUM_IMAGES = 3
 PER_PROTOTYPE = 2
@@ -47,7 +47,8 @@ def _tool(name):
 
 
 def train_recording_prototypes(work_dir, iters=2, crop=64, seed=1):
-    """conftest.train_camvid_protoseg (``iters`` iterations on ``crop`` x ``crop`` crops),
+    """conftest.train_camvid_protoseg (``iters`` iterations on ``crop`` x ``crop`` crops, no
+    validation),
     seeded ``seed``; returns (checkpoint, the prototypes the runner initialised, the trained
     prototypes)."""
     from mmengine.config import Config
@@ -55,7 +56,7 @@ def train_recording_prototypes(work_dir, iters=2, crop=64, seed=1):
     cfg = Config.fromfile(PROTO_CFG)
     cfg.work_dir = str(work_dir)
     cfg.train_cfg.max_iters = iters
-    cfg.train_cfg.val_interval = 10 * iters
+    without_validation(cfg)
     cfg.default_hooks.checkpoint.interval = iters
     cfg.default_hooks.logger.interval = iters
     cfg.model.data_preprocessor.size = (crop, crop)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PROTO_CFG, train_camvid_protoseg
+from conftest import PROTO_CFG
 
 from mmseg_proto.evaluation import nearest_prototype_usage
 from mmseg_proto.visualization import collect_embeddings, load_model
@@ -27,10 +27,10 @@ PER_PROTOTYPE = 2
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    """(model, train dataset with the test pipeline, gallery of its first 3 images, N=2)."""
-    root = tmp_path_factory.mktemp('gallery')
-    ckpt, _ = train_camvid_protoseg(root / 'train', iters=2, crop=64)
+def setup(camvid_protoseg):
+    """(model, train dataset with the test pipeline, gallery of its first 3 images, N=2) of
+    conftest's session-wide 2-iteration CamVid ProtoSeg checkpoint (64 x 64 crops)."""
+    ckpt = camvid_protoseg[0]
     model = load_model(PROTO_CFG, ckpt)
     dataset = build_split_dataset(model.cfg, 'train')
     gallery = build_gallery(model, dataset, PER_PROTOTYPE, NUM_IMAGES)

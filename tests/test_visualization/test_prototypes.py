@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO
+from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, REPO, without_validation
 from mmengine.config import Config
 from mmengine.runner import Runner
 
@@ -25,7 +25,7 @@ def _cfg(path, work_dir, iters):
     cfg = Config.fromfile(path)
     cfg.work_dir = str(work_dir)
     cfg.train_cfg.max_iters = iters
-    cfg.train_cfg.val_interval = 10**6  # no validation
+    without_validation(cfg)
     cfg.param_scheduler = []
     cfg.default_hooks.checkpoint.interval = iters
     cfg.default_hooks.logger.interval = 5

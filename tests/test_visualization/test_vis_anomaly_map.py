@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CAMVID_MINI, PROTO_CFG, train_camvid_protoseg
+from conftest import CAMVID_MINI, PROTO_CFG
 
 TOOL = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
                 'tools', 'visualization', 'vis_anomaly_map.py')
@@ -23,8 +23,9 @@ def _run(*args):
 
 
 @pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    return train_camvid_protoseg(tmp_path_factory.mktemp('anomaly_fig'), iters=2)[0]
+def checkpoint(camvid_protoseg):
+    """conftest's session-wide 2-iteration CamVid ProtoSeg checkpoint."""
+    return camvid_protoseg[0]
 
 
 def test_figure_shows_the_segmentors_anomaly_map(checkpoint, tmp_path, capsys):
