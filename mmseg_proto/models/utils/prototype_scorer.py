@@ -68,16 +68,16 @@ def inference_path(num_classes: int, num_prototypes: int, dim: int, device: torc
     ``threads`` intra-op threads (default: ``torch.get_num_threads()``).
 
     The rule is what was measured (benchmarks/bench_inference_similarity.py,
-    docs/benchmarks.md, 2-core Intel Xeon): on one CPU thread the blocks win at every
-    measured shape (C x K x D from 11 x 10 x 256 to 847 x 10 x 256, 1.1-1.9x); with more
-    CPU threads the blocks' many small parallel GEMMs were measured only on a loaded
-    machine, where they lost badly, and on a GPU not at all: the slabs, the earlier path,
-    stay there. C, K and D do not enter the rule: no measured shape reversed it.
+    docs/benchmarks.md, quiet 2-core Intel Xeon): on one and two CPU threads the blocks win
+    at every measured shape (C x K x D from 11 x 10 x 256 to 847 x 10 x 256; 1.18-1.86x on
+    one thread, 1.20-1.46x on two); more CPU threads and GPUs were not measured: the
+    slabs, the earlier path, stay there. C, K and D do not enter the rule: no measured
+    shape reversed it.
     """
     if torch.device(device).type != 'cpu':
         return 'slabs'
     threads = torch.get_num_threads() if threads is None else threads
-    return 'blocks' if threads == 1 else 'slabs'
+    return 'blocks' if threads <= 2 else 'slabs'
 
 
 def standard_prototype_losses(loss_proto: Sequence[nn.Module]) -> bool:
