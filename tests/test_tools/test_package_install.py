@@ -105,42 +105,33 @@ def miou(log):
 
 
 @needs_mim
-def test_mim_trains_and_tests_a_config_inheriting_ours(installed):
-    """`mim train mmseg_proto` / `mim test mmseg_proto` on a user config whose only base is
-    our installed CamVid config: MMSeg's runner, our hook, 2 iterations of real data."""
-    python, work, env, _ = installed
-    env = dict(env, MMSEG_PROTO_CAMVID=osp.join(REPO, 'data', 'camvid_mini'))
-    (work / 'my_camvid.py').write_text(
-        f"_base_ = ['mmseg_proto::{CAMVID}']\n"
-        'train_dataloader = dict(num_workers=0, persistent_workers=False)\n'
-        'val_dataloader = dict(num_workers=0, persistent_workers=False,\n'
-        '                      dataset=dict(indices=4))\n'
-        'test_dataloader = val_dataloader\n'
-        'train_cfg = dict(max_iters=2, val_interval=2)\n'
-        'default_hooks = dict(checkpoint=dict(interval=2))\n')
-    train = run([python, '-m', 'mim', 'train', 'mmseg_proto', 'my_camvid.py', '--work-dir',
-                 'w'], cwd=work, env=env).stdout
-    assert osp.join('mmseg_proto', '.mim', 'tools', 'train.py') in train
-    assert (work / 'w' / 'iter_2.pth').is_file()
-    test = run([python, '-m', 'mim', 'test', 'mmseg_proto', 'my_camvid.py', '--checkpoint',
-                'w/iter_2.pth', '--work-dir', 'w/test'], cwd=work, env=env).stdout
-    assert miou(train) and miou(test) == miou(train)[-1:]
-
-
-@needs_mim
-def test_mim_trains_one_of_our_configs_by_name(installed):
+def test_mim_trains_our_config_by_name_and_tests_a_config_inheriting_ours(installed):
+    """`mim train mmseg_proto NAME`: mim finds our installed CamVid config by its name and
+    trains it with MMSeg's runner and our hook (1 iteration of real data, validated); then
+    `mim test mmseg_proto` on a user config whose only base is that installed config
+    (``mmseg_proto::``) evaluates the checkpoint: the same mIoU."""
     python, work, env, _ = installed
     env = dict(env, MMSEG_PROTO_CAMVID=osp.join(REPO, 'data', 'camvid_mini'))
     name = osp.basename(CAMVID)
-    out = run([python, '-m', 'mim', 'train', 'mmseg_proto', name, '--work-dir', 'byname',
-               '--cfg-options', 'train_cfg.max_iters=1', 'train_cfg.val_interval=1',
-               'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
+    loaders = ('train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
                'val_dataloader.num_workers=0', 'val_dataloader.persistent_workers=False',
-               'val_dataloader.dataset.indices=4'],
-              cwd=work, env=env).stdout
-    assert f"The path {name} doesn't exist but we find the config file" in out
-    assert osp.join('.mim', 'configs', CAMVID) in out
-    assert (work / 'byname' / 'iter_1.pth').is_file() and miou(out)
+               'val_dataloader.dataset.indices=4')
+    train = run([python, '-m', 'mim', 'train', 'mmseg_proto', name, '--work-dir', 'byname',
+                 '--cfg-options', 'train_cfg.max_iters=1', 'train_cfg.val_interval=1',
+                 *loaders], cwd=work, env=env).stdout
+    assert f"The path {name} doesn't exist but we find the config file" in train
+    assert osp.join('.mim', 'configs', CAMVID) in train
+    assert osp.join('mmseg_proto', '.mim', 'tools', 'train.py') in train
+    assert 'PrototypeUpdateHook' in train
+    assert (work / 'byname' / 'iter_1.pth').is_file()
+    (work / 'my_camvid.py').write_text(
+        f"_base_ = ['mmseg_proto::{CAMVID}']\n"
+        'val_dataloader = dict(num_workers=0, persistent_workers=False,\n'
+        '                      dataset=dict(indices=4))\n'
+        'test_dataloader = val_dataloader\n')
+    test = run([python, '-m', 'mim', 'test', 'mmseg_proto', 'my_camvid.py', '--checkpoint',
+                'byname/iter_1.pth', '--work-dir', 'byname/test'], cwd=work, env=env).stdout
+    assert miou(train) and miou(test) == miou(train)[-1:]
 
 
 @needs_mim

@@ -4,8 +4,8 @@ Every parity test's reference is MMSeg's own inference (``mmseg.apis.init_model`
 ``inference_model``) on the documented input, the image as ``LoadImageFromFile`` gives it
 (BGR, 0-255), against ONNX Runtime on the exported file: a ProtoSeg checkpoint of a
 ``bgr_to_rgb=True`` config on a real CamVid street image at its size (360 x 480), both
-exporters; the authors' HRNet config (``align_corners=True``, shrunk), both exporters; a
-dynamic export at two sizes; the anomaly map of ``anomaly_map=True``; and a fine-tuning config
+exporters; the authors' HRNet config (``align_corners=True``, shrunk), static with
+TorchScript and dynamic (dynamo) at three sizes; the anomaly map of ``anomaly_map=True``; and a fine-tuning config
 (``load_prototypes=False``), which still exports the checkpoint's prototypes. Only the
 inference path is in the graph. Every tensor of the model comes from the checkpoint: another
 class count (parametric or ProtoSeg), missing tensors or NaN are refused with one message.
@@ -154,18 +154,25 @@ def tiny_authors(tmp_path_factory):
     return config, random_checkpoint(config, folder / 'tiny_authors.pth')
 
 
-@pytest.mark.parametrize('exporter', ['torchscript', 'dynamo'])
-def test_align_corners_true_matches_mmseg(tiny_authors, exporter, tmp_path):
-    """The authors' config resizes with align_corners=True; so must the graph."""
+def resized_copy(source, size, path):
+    """``source`` resized to ``size`` (H, W), written lossless to ``path`` (read back as
+    written)."""
+    mmcv.imwrite(mmcv.imresize(mmcv.imread(source), size[::-1]), str(path))
+    return str(path)
+
+
+def test_align_corners_true_matches_mmseg(tiny_authors, tmp_path):
+    """The authors' config resizes with align_corners=True; so must the graph (TorchScript
+    exporter here, the dynamo exporter in test_dynamic_export_runs_at_three_sizes)."""
     from mmengine.config import Config
     shipped = Config.fromfile(AUTHORS_CFG).model
     assert shipped.decode_head.align_corners is True
     assert shipped.data_preprocessor.bgr_to_rgb is True
     config, ckpt = tiny_authors
-    image_path = str(tmp_path / 'street.png')  # lossless: read back as written
-    mmcv.imwrite(mmcv.imresize(mmcv.imread(VAL_IMAGES[1]), (128, 96)), image_path)
+    image_path = resized_copy(VAL_IMAGES[1], (96, 128), tmp_path / 'street.png')
     out = str(tmp_path / 'authors.onnx')
-    tool().main([config, ckpt, '--out', out, '--shape', '96', '128', '--exporter', exporter])
+    tool().main([config, ckpt, '--out', out, '--shape', '96', '128', '--exporter',
+                 'torchscript'])
     model = mmseg_model(config, ckpt)
     assert model.decode_head.align_corners is True
     expected, _ = mmseg_inference(model, image_path)
@@ -174,21 +181,22 @@ def test_align_corners_true_matches_mmseg(tiny_authors, exporter, tmp_path):
     assert_parity(got[0], expected)
 
 
-def test_dynamic_export_runs_at_two_sizes(checkpoint, tmp_path, capsys):
-    t = tool()
+def test_dynamic_export_runs_at_three_sizes(tiny_authors, tmp_path, capsys):
+    """--dynamic (the dynamo exporter) on the authors' network (align_corners=True): one
+    graph, MMSeg's logits at the export size and at two others, one of them another aspect
+    ratio (height and width vary independently), two images a batch. The static dynamo
+    export of the CamVid config is test_export_matches_mmseg_on_a_street_image[dynamo]."""
+    config, ckpt = tiny_authors
     out = str(tmp_path / 'dynamic.onnx')
-    t.main([PROTO_CFG, checkpoint, '--out', out, '--shape', *map(str, SHAPE), '--dynamic'])
+    tool().main([config, ckpt, '--out', out, '--shape', '96', '128', '--dynamic'])
     assert '--dynamic: using the dynamo exporter' in capsys.readouterr().out
-    model = mmseg_model(PROTO_CFG, checkpoint)
-    # Neither is the export size (96 x 128); the second has another aspect ratio (height and
-    # width vary independently). The 360 x 480 street image is test_export_matches_mmseg_....
-    for size in ((120, 160), (88, 200)):
-        paths = []
-        for i, source in enumerate(VAL_IMAGES):
-            paths.append(str(tmp_path / f'{size[0]}_{i}.png'))
-            mmcv.imwrite(mmcv.imresize(mmcv.imread(source), size[::-1]), paths[-1])
+    model = mmseg_model(config, ckpt)
+    assert model.decode_head.align_corners is True
+    for size in ((96, 128), (120, 160), (88, 200)):
+        paths = [resized_copy(source, size, tmp_path / f'{size[0]}_{i}.png')
+                 for i, source in enumerate(VAL_IMAGES)]
         got = onnx_outputs(out, [loaded_image(p) for p in paths])['seg_logits']
-        assert got.shape == (2, 11, *size)
+        assert got.shape == (2, 19, *size)
         for logits, path in zip(got, paths):
             assert_parity(logits, mmseg_inference(model, path)[0])
 
@@ -200,8 +208,7 @@ def test_anomaly_map_is_exported(checkpoint, tmp_path, capsys):
     out = str(tmp_path / 'anomaly.onnx')
     tool().main([config, checkpoint, '--out', out, '--shape', *map(str, SHAPE)])
     assert 'outputs seg_logits, anomaly_map' in capsys.readouterr().out
-    image_path = str(tmp_path / 'street.png')
-    mmcv.imwrite(mmcv.imresize(mmcv.imread(VAL_IMAGES[0]), SHAPE[::-1]), image_path)
+    image_path = resized_copy(VAL_IMAGES[0], SHAPE, tmp_path / 'street.png')
     got = onnx_outputs(out, [loaded_image(image_path)])
     assert list(got) == ['seg_logits', 'anomaly_map']
     logits, anomaly = mmseg_inference(mmseg_model(config, checkpoint), image_path)
@@ -216,8 +223,7 @@ def test_fine_tuning_config_exports_the_checkpoints_prototypes(checkpoint, tmp_p
                             'model = dict(decode_head=dict(load_prototypes=False))\n')
     out = str(tmp_path / 'finetune.onnx')
     tool().main([config, checkpoint, '--out', out, '--shape', *map(str, SHAPE)])
-    image_path = str(tmp_path / 'street.png')
-    mmcv.imwrite(mmcv.imresize(mmcv.imread(VAL_IMAGES[0]), SHAPE[::-1]), image_path)
+    image_path = resized_copy(VAL_IMAGES[0], SHAPE, tmp_path / 'street.png')
     got = onnx_outputs(out, [loaded_image(image_path)])['seg_logits']
     # The reference: the model the checkpoint was trained as.
     assert_parity(got[0], mmseg_inference(mmseg_model(PROTO_CFG, checkpoint), image_path)[0])
@@ -236,8 +242,7 @@ def test_a_training_checkpoint_with_a_banks_training_state_exports(checkpoint, t
     torch.save(ckpt, training)
     out = str(tmp_path / 'mid_window.onnx')
     tool().main([PROTO_CFG, training, '--out', out, '--shape', *map(str, SHAPE)])
-    image_path = str(tmp_path / 'street.png')
-    mmcv.imwrite(mmcv.imresize(mmcv.imread(VAL_IMAGES[0]), SHAPE[::-1]), image_path)
+    image_path = resized_copy(VAL_IMAGES[0], SHAPE, tmp_path / 'street.png')
     got = onnx_outputs(out, [loaded_image(image_path)])['seg_logits']
     assert_parity(got[0], mmseg_inference(mmseg_model(PROTO_CFG, training), image_path)[0])
 

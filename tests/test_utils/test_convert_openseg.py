@@ -9,7 +9,6 @@ load it into the model of the shipped config and compare outputs.
 """
 import os
 import os.path as osp
-import subprocess
 import sys
 import zlib
 from typing import Dict
@@ -89,8 +88,11 @@ def test_config_is_the_authors_network(model):
     assert head.decoder.convs[0].conv.kernel_size == (3, 3)
 
 
-def test_golden_output_through_cli(ref_state, model, tmp_path):
-    """Convert with the CLI, load like a runner, match the authors' output."""
+def test_golden_output_through_cli(ref_state, model, tmp_path, monkeypatch, capsys):
+    """Convert with the command (its ``main`` on ``sys.argv``, in this process), load like a
+    runner, match the authors' output."""
+    import importlib.util
+
     from mmengine.runner import load_checkpoint
     src, dst = tmp_path / 'openseg.pth', tmp_path / 'mmseg.pth'
     torch.save(
@@ -98,20 +100,16 @@ def test_golden_output_through_cli(ref_state, model, tmp_path):
             state_dict={'module.' + k: v
                         for k, v in ref_state.items()},
             iters=80000), src)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            osp.join(REPO, 'tools/model_converters/convert_openseg_protoseg.py'),
-            str(src),
-            str(dst), '--config', CONFIG
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    assert 'read 1850 openseg keys (71.17M parameters)' in proc.stdout
-    assert 'wrote 1845 MMSeg keys' in proc.stdout
-    assert 'dropped: 4 alias keys' in proc.stdout
+    script = osp.join(REPO, 'tools/model_converters/convert_openseg_protoseg.py')
+    spec = importlib.util.spec_from_file_location('convert_openseg_protoseg_tool', script)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(sys, 'argv', [script, str(src), str(dst), '--config', CONFIG])
+    assert tool.main() == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert 'read 1850 openseg keys (71.17M parameters)' in stdout
+    assert 'wrote 1845 MMSeg keys' in stdout
+    assert 'dropped: 4 alias keys' in stdout
 
     checkpoint = torch.load(dst, map_location='cpu', weights_only=True)
     assert set(checkpoint) == {'state_dict', 'meta'}

@@ -2,10 +2,7 @@
 import glob
 import importlib.util
 import json
-import os
 import os.path as osp
-import subprocess
-import sys
 import uuid
 
 import numpy as np
@@ -64,15 +61,6 @@ def _load_tool(name):
     return module
 
 
-def _run_tool(name, *args):
-    env = dict(os.environ, OMP_NUM_THREADS='2', MPLBACKEND='Agg')
-    proc = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'visualization', f'{name}.py'), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def _png(path):
     import matplotlib.image as mpimg
     assert osp.isfile(path), f'{path} was not written'
@@ -118,14 +106,13 @@ def test_diagnostics_in_message_hub_and_logs(trained):
     assert keys and all(k.split('/')[-1] in classes for k in keys)
 
 
-def test_prototype_similarity_tool(trained, tmp_path):
+def test_prototype_similarity_tool(trained, tmp_path, capsys):
     _, ckpt, _ = trained
     out = tmp_path / 'sim'
-    proc = _run_tool('vis_prototype_similarity', PROTO_CFG, ckpt, *VAL_IMGS,
-                     '--classes', 'road', 'car', '--out-dir', str(out),
-                     '--dpi', '50')
-    assert 'road, car' in proc.stdout
     tool = _load_tool('vis_prototype_similarity')
+    assert tool.main([PROTO_CFG, ckpt, *VAL_IMGS, '--classes', 'road', 'car', '--out-dir',
+                      str(out), '--dpi', '50']) == 0
+    assert 'road, car' in capsys.readouterr().out
     for path in VAL_IMGS:
         stem = osp.splitext(osp.basename(path))[0]
         img = _png(out / f'{stem}_proto_sim.png')
@@ -133,16 +120,15 @@ def test_prototype_similarity_tool(trained, tmp_path):
         _assert_size(img, w, h, 50)
 
 
-def test_embedding_tool_pca_with_parametric(trained, tmp_path):
+def test_embedding_tool_pca_with_parametric(trained, tmp_path, capsys):
     _, ckpt, base_ckpt = trained
     out = tmp_path / 'emb.png'
-    proc = _run_tool('vis_embedding', PROTO_CFG, ckpt, '--parametric-config',
-                     BASELINE_CFG, '--parametric-checkpoint', base_ckpt,
-                     '--method', 'pca', '--classes', 'road', 'car', 'sky',
-                     '--num-images', '2', '--points-per-class', '100',
-                     '--out', str(out), '--dpi', '50')
-    assert 'pca' in proc.stdout
     tool = _load_tool('vis_embedding')
+    assert tool.main([PROTO_CFG, ckpt, '--parametric-config', BASELINE_CFG,
+                      '--parametric-checkpoint', base_ckpt, '--method', 'pca', '--classes',
+                      'road', 'car', 'sky', '--num-images', '2', '--points-per-class', '100',
+                      '--out', str(out), '--dpi', '50']) == 0
+    assert 'pca' in capsys.readouterr().out
     _assert_size(_png(out), *tool.figure_size(2, 4.0), 50)
 
 
