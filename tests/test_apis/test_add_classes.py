@@ -302,17 +302,12 @@ def test_bad_input_is_refused_with_a_message(case, protoseg, tmp_path):
 
 
 # ---------------------------------------------------------------- the tool
-def run_tool(*args):
-    """The tool as a command: ``python add_class.py ARGS`` from the repository root."""
-    return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO)
-
-
 def run_tool_here(*args):
     """The tool's ``main(ARGS)`` in this process, from the repository root, reported as
-    ``run_tool`` reports the command: returncode, stdout and stderr, where a SystemExit
+    ``python add_class.py ARGS`` would be: returncode, stdout and stderr, where a SystemExit
     message goes to stderr with status 1, as the interpreter does. Saves the interpreter's
-    start and imports for the cases about what the tool does, not how it is started."""
+    start and imports (tests/test_tools/test_tool_commands.py starts every tool as a
+    command)."""
     import contextlib
     import importlib.util
     import io
@@ -345,7 +340,7 @@ def test_tool_writes_a_model_mmseg_loads(protoseg, tmp_path):
     lst.write_text('# car as a new class\n' + '\n'.join(
         f'"{i}" {osp.relpath(m, tmp_path)}' for i, m in pairs) + '\n')
     out = tmp_path / 'out'
-    proc = run_tool(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
+    proc = run_tool_here(cfg, ckpt, '--name', 'mystery', '--support', lst, '--out', out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'support pixels' in proc.stdout and 'prototype(s) placed' in proc.stdout
     new_cfg = str(out / osp.basename(cfg))

@@ -178,3 +178,24 @@ def test_nested_scopes_restore_mmengine_once(tmp_path):
         assert config_module.get_installed_path is not before[1]
         Config.fromfile(write_user_config(tmp_path))
     assert mmengine_config_state() == before
+
+
+def test_the_suites_metafile_memo_answers_as_mmengine():
+    """conftest memoises mmengine's metafile lookup for the suite: for a model-zoo name and
+    for a ``_base_`` path (not in any metafile: the ValueError after which mmengine reads the
+    base file) it answers what mmengine answers, a copy each time."""
+    from mmengine.utils import get_installed_path
+    memo = config_utils._get_cfg_metainfo
+    original = memo.uncached
+    mmseg_root = get_installed_path('mmseg')
+    name = 'segformer/segformer_mit-b0_8xb2-160k_ade20k-512x512.py'
+    expected = original(mmseg_root, name)
+    assert memo(mmseg_root, name) == expected and memo(mmseg_root, name) == expected
+    memo(mmseg_root, name)['Config'] = 'changed by a caller'
+    assert memo(mmseg_root, name) == expected
+    with pytest.raises(ValueError) as mmengine_error:
+        original(mmseg_root, '_base_/models/segformer_mit-b0')
+    for _ in range(2):
+        with pytest.raises(ValueError) as memo_error:
+            memo(mmseg_root, '_base_/models/segformer_mit-b0')
+        assert str(memo_error.value) == str(mmengine_error.value)
