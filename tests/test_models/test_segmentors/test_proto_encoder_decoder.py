@@ -1,28 +1,31 @@
 """ProtoEncoderDecoder: the per-pixel anomaly map through MMSeg's inference APIs (whole and
-slide inference), its shape, range and alignment with the image, and that an injected
-out-of-distribution patch scores higher than the scene around it on a briefly trained model.
-Under test-time augmentation (flip): ProtoSegTTAModel averages the passes' maps (flipped back);
-MMSeg's SegTTAModel, which would keep the last pass's map only, gets none, with a warning."""
+slide inference), its shape, range and alignment with the image (against the head's cosines
+by hand). Under test-time augmentation (flip): ProtoSegTTAModel averages the passes' maps
+(flipped back); MMSeg's SegTTAModel, which would keep the last pass's map only, gets none,
+with a warning.
+
+What the map flags is measured, not tested: a briefly trained model (60 iterations) ranked a
+pasted colour-noise square above the scene on some seeds and below it on another, a trained
+one (4000 iterations) on every image (benchmarks/camvid_noise_patch.py, docs/anomaly_maps.md).
+These tests read conftest's 2-iteration checkpoint."""
 import glob
 import os.path as osp
 
 import mmcv
-import numpy as np
 import pytest
 import torch
-from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG, train_camvid_protoseg
+from conftest import BASELINE_CFG, CAMVID_MINI, PROTO_CFG
 from mmengine.config import Config
 
 VAL_IMAGES = sorted(glob.glob(osp.join(CAMVID_MINI, 'img_dir', 'val', '*.jpg')))
 ANOMALY = {'model.type': 'ProtoEncoderDecoder', 'model.anomaly_map': True}
-TRAIN_ITERS = 60
 
 
 @pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    """ProtoSeg trained briefly (60 iterations, 96x96 crops) on the bundled CamVid images."""
-    return train_camvid_protoseg(tmp_path_factory.mktemp('anomaly'), iters=TRAIN_ITERS, crop=96,
-                                 batch_size=2, seed=0)[0]
+def checkpoint(camvid_protoseg):
+    """conftest's session-wide ProtoSeg checkpoint (2 iterations of the shipped CamVid
+    config)."""
+    return camvid_protoseg[0]
 
 
 def init(checkpoint, **options):
@@ -72,27 +75,6 @@ def test_anomaly_map_equals_one_minus_max_cosine_at_the_image_size(checkpoint):
     amap = F.interpolate(amap, size=data.shape[2:], mode='bilinear', align_corners=False)
     amap = F.interpolate(amap, size=img.shape[:2], mode='bilinear', align_corners=False)
     torch.testing.assert_close(result.anomaly_map.data, amap[0], atol=1e-5, rtol=1e-5)
-
-
-def test_out_of_distribution_patch_scores_higher(checkpoint):
-    from mmseg.apis import inference_model
-    model = init(checkpoint)
-    rng = np.random.default_rng(0)
-    for path in VAL_IMAGES[:3]:
-        img = mmcv.imread(path)
-        h, w = img.shape[:2]
-        top, left, size = h // 4, w // 3, h // 3
-        img[top:top + size, left:left + size] = rng.integers(
-            0, 256, (size, size, 3), dtype=np.uint8)  # colour noise: nothing like a street
-        amap = inference_model(model, img).anomaly_map.data[0].numpy()
-        inside = np.zeros((h, w), bool)
-        inside[top:top + size, left:left + size] = True
-        core = np.zeros((h, w), bool)  # away from the blurred patch border
-        core[top + size // 4:top + 3 * size // 4, left + size // 4:left + 3 * size // 4] = True
-        ring = np.ones((h, w), bool)
-        ring[max(0, top - size // 4):top + size + size // 4,
-             max(0, left - size // 4):left + size + size // 4] = False
-        assert np.median(amap[core]) > np.percentile(amap[ring], 90), path
 
 
 def test_inferencer_returns_the_anomaly_map(checkpoint):

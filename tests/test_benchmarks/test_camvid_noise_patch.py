@@ -1,0 +1,73 @@
+"""benchmarks/camvid_noise_patch.py: the pasted square, its core and scene masks, and the
+AUROC it prints, against MMSeg's inference and a rank count by hand."""
+import importlib.util
+import os.path as osp
+import sys
+
+import mmcv
+import numpy as np
+import pytest
+from conftest import CAMVID_MINI, PROTO_CFG, REPO
+
+SCRIPT = osp.join(REPO, 'benchmarks', 'camvid_noise_patch.py')
+
+
+def bench():
+    spec = importlib.util.spec_from_file_location('camvid_noise_patch', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_square_its_core_and_the_scene_around_it():
+    (name, img, core, scene), = bench().noise_patch_images(CAMVID_MINI, 1, side=0.25)
+    original = mmcv.imread(osp.join(CAMVID_MINI, 'img_dir', 'val', name))
+    h, w = original.shape[:2]
+    top, left, size = h // 4, w // 3, int(h * 0.25)
+    changed = (img != original).any(-1)
+    square = np.zeros((h, w), bool)
+    square[top:top + size, left:left + size] = True
+    assert not changed[~square].any() and changed[square].mean() > 0.95
+    assert core.sum() == (size // 2) ** 2 and square[core].all()
+    margin = size // 4
+    near = np.zeros((h, w), bool)
+    near[top - margin:top + size + margin, left - margin:left + size + margin] = True
+    assert not (scene & near).any() and (scene | near).all()
+
+
+def auroc_by_hand(positive, negative):
+    """P(a positive scores above a negative), ties counted half."""
+    pos, neg = np.sort(positive), np.sort(negative)
+    below = np.searchsorted(neg, pos, side='left')
+    ties = np.searchsorted(neg, pos, side='right') - below
+    return float((below + 0.5 * ties).sum() / (pos.size * neg.size))
+
+
+def test_printed_auroc_is_mmsegs_map_ranked_by_hand(camvid_protoseg, capsys):
+    from mmseg.apis import inference_model, init_model
+    work_dir = osp.dirname(camvid_protoseg[0])
+    module = bench()
+    assert module.main(['--data-root', CAMVID_MINI, '--images', '2', '--work-dirs',
+                        work_dir]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines()
+           if line.startswith(f'| {osp.basename(work_dir)} |')]
+    assert len(row) == 1 and 'anomaly map (1 - max cosine)' in row[0]
+    low, mean, high = (float(v) for v in row[0].strip('| ').split(' | ')[2:])
+    model = init_model(PROTO_CFG, camvid_protoseg[0], device='cpu', cfg_options={
+        'model.type': 'ProtoEncoderDecoder', 'model.anomaly_map': True})
+    expected = []
+    for _, img, core, scene in module.noise_patch_images(CAMVID_MINI, 2):
+        amap = inference_model(model, img).anomaly_map.data[0].numpy()
+        expected.append(100 * auroc_by_hand(amap[core], amap[scene]))
+    assert (low, mean, high) == pytest.approx(
+        (min(expected), np.mean(expected), max(expected)), abs=0.051)
+
+
+@pytest.mark.parametrize('argv', [['--images', '0', '--short-iters', '1'],
+                                  ['--side', '0.9', '--short-iters', '1'],
+                                  ['--images', '2']])
+def test_refuses_counts_sizes_and_nothing_to_score(argv, monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', [SCRIPT])
+    with pytest.raises(SystemExit) as stop:
+        bench().main(argv)
+    assert stop.value.code == 2 and 'error:' in capsys.readouterr().err
