@@ -24,8 +24,8 @@ new class wins.
 The steps live beside this module, in ``mmseg_proto/apis/``: ``add_class_checks.py``
 (:class:`AddClassError` and the option checks), ``support_images.py`` (reading the support
 images and masks, their features), ``head_adapters.py`` (features and logits per head
-kind), ``class_placement.py`` (the new class's prototypes or imprinted row, its offset, the
-refinement) and ``model_extension.py`` (the head, ``dataset_meta`` and
+kind), ``class_placement.py`` (the new class's prototypes or imprinted row, its offset and
+support IoU, the refinement) and ``model_extension.py`` (the head, ``dataset_meta`` and
 ``cfg`` given the new class).
 """
 import copy
@@ -40,7 +40,7 @@ from torch import Tensor
 from .add_class_checks import (AddClassError, check_names, check_options, check_palette,
                                check_supports)
 from .class_placement import (calibrate_offset, imprint_weight, place_prototypes,
-                              refine_new_class)
+                              refine_new_class, support_iou)
 from .head_adapters import HeadAdapter, head_adapter
 from .model_extension import (distinct_colours, extend_cfg, extend_head, extend_meta,
                               place_last_class, set_offset)
@@ -219,8 +219,8 @@ def _add_class(model: nn.Module, adapter: HeadAdapter, name: str, feats: List[Te
             f'({"x".join(map(str, feats_all.shape[:1]))} positions): give masks with '
             'larger regions or more images')
     base_logits = adapter.pixel_logits(feats_all)  # (N, C), before the class is added
-    plain_offset, distinct = extend_head(model, adapter, feats_all[pos_all], num_prototypes,
-                                         seed)
+    plain_offset = extend_head(model, adapter)
+    distinct = place_last_class(model, adapter, feats_all[pos_all], num_prototypes, seed)
     if adapter.method == 'prototypes':
         slots = model.decode_head.prototypes.shape[1]
         info.prototypes = min(distinct, num_prototypes)
@@ -228,6 +228,7 @@ def _add_class(model: nn.Module, adapter: HeadAdapter, name: str, feats: List[Te
             info.notes.append(f'{info.prototypes} distinct prototypes of {slots} '
                               f'({info.pixels} support pixels)')
     scores = adapter.pixel_logits(feats_all)[:, -1]  # the new class's, offset 0
+    best_base = base_logits.max(dim=1).values  # the new class wins where it beats this
     if calibrate and held_out_calibration and sum(int(p.any()) for p in positives) > 1:
         # Each support image scored by the class placed from the other images only.
         held = torch.cat([
@@ -235,9 +236,8 @@ def _add_class(model: nn.Module, adapter: HeadAdapter, name: str, feats: List[Te
             for i in range(len(feats))
         ])
         info.offset, _ = calibrate_offset(held, base_logits, pos_all, known_all)
-        place_last_class(model, adapter, feats_all[pos_all], num_prototypes, seed)
-        pred_new = scores + info.offset > base_logits.max(dim=1).values
-        info.support_iou = float((pred_new & pos_all).sum() / (pred_new | pos_all).sum())
+        place_last_class(model, adapter, feats_all[pos_all], num_prototypes, seed)  # all
+        info.support_iou = support_iou(scores + info.offset > best_base, pos_all)
         info.notes.append(f'offset from each of the {len(feats)} support images scored by '
                           'the class placed from the others')
     elif calibrate:
@@ -245,16 +245,14 @@ def _add_class(model: nn.Module, adapter: HeadAdapter, name: str, feats: List[Te
                                                          known_all)
     else:
         info.offset = plain_offset
-        pred_new = scores + info.offset > base_logits.max(dim=1).values
-        info.support_iou = float((pred_new & pos_all).sum() / (pred_new | pos_all).sum())
+        info.support_iou = support_iou(scores + info.offset > best_base, pos_all)
     set_offset(model, adapter, info.offset)
     if refine_steps:
         refine_new_class(model, adapter, feats_all, pos_all, known_all,
                          base_logits.argmax(dim=1), refine_steps, refine_lr)
         with torch.no_grad():
             logits = adapter.pixel_logits(feats_all)
-        pred_new = logits.argmax(dim=1) == logits.shape[1] - 1
-        info.support_iou = float((pred_new & pos_all).sum() / (pred_new | pos_all).sum())
+        info.support_iou = support_iou(logits.argmax(dim=1) == logits.shape[1] - 1, pos_all)
         info.notes.append(f'refined: {refine_steps} steps')
     return info
 

@@ -1,7 +1,8 @@
 """Where a new class goes, computed from its support features: its K prototypes
 (:func:`place_prototypes`) or its imprinted ``conv_seg`` row (:func:`imprint_weight`), its
-score offset (:func:`calibrate_offset`), and the optional refinement of its own
-parameters (:func:`refine_new_class`).
+score offset (:func:`calibrate_offset`), the IoU it reaches on the support
+(:func:`support_iou`), and the optional refinement of its own parameters
+(:func:`refine_new_class`).
 
 Setting these in the head is ``model_extension.py``'s.
 """
@@ -105,6 +106,18 @@ def calibrate_offset(new_scores: Tensor, base_logits: Tensor, positive: Tensor,
     best = int(torch.argmax(iou))
     nxt = float(t[best + 1]) if best + 1 < len(t) else float(t[best]) + 1.0
     return 0.5 * (float(t[best]) + nxt), float(iou[best])
+
+
+def support_iou(predicted: Tensor, positive: Tensor) -> float:
+    """The new class's IoU on its support: the pixels predicted as the class against its
+    pixels, over every support pixel (void ones included, unlike
+    :func:`calibrate_offset`'s, which counts the known pixels only).
+
+    Args:
+        predicted (Tensor): (N,) bool, the pixels predicted as the new class.
+        positive (Tensor): (N,) bool, the class's pixels.
+    """
+    return float((predicted & positive).sum() / (predicted | positive).sum())
 
 
 def refine_new_class(model: nn.Module, adapter: HeadAdapter, feats: Tensor,

@@ -1,12 +1,12 @@
-"""Giving a segmentor one more class: its decode head grows by one class placed from the
-support features (:func:`extend_head`; :func:`place_last_class` places it again), with
+"""Giving a segmentor one more class: its decode head grows by one class
+(:func:`extend_head`), placed from the support features (:func:`place_last_class`), with
 its score offset (:func:`set_offset`); its ``dataset_meta`` names the classes and gives
 them colours (:func:`extend_meta`); its ``cfg`` builds the extended model
 (:func:`extend_cfg`).
 
 Only the new class's own parameters are set: nothing a trained class computes changes.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,30 +19,27 @@ from .head_adapters import HeadAdapter
 
 
 @torch.no_grad()
-def extend_head(model: nn.Module, adapter: HeadAdapter, pos_feats: Tensor,
-                num_prototypes: int, seed: int) -> Tuple[float, int]:
-    """Give the head one more class, placed from ``pos_feats``, whose offset is 0.
+def extend_head(model: nn.Module, adapter: HeadAdapter) -> float:
+    """Give the head one more class, the last, with offset 0; its prototypes or
+    ``conv_seg`` row are set by :func:`place_last_class`.
+
+    ProtoHead: one more row of the bank's prototypes, and a ``BaseClassesLayerNorm`` whose
+    statistics stay over the trained classes; the new class's ``mask_norm`` weight is the
+    mean of the trained ones'. Otherwise: a ``conv_seg`` with one more output.
 
     Args:
         model (nn.Module): The segmentor, changed in place.
         adapter (HeadAdapter): The adapter of its decode head.
-        pos_feats (Tensor): (N, D) features of the class's support pixels.
-        num_prototypes (int): ProtoHead: distinct prototypes to place, at most K.
-        seed (int): Seed of the clustering's start.
 
     Returns:
-        tuple[float, int]: The plain offset (the mean of the trained classes') and, for a
-        ProtoHead, how many of the placed prototypes are distinct (otherwise 0).
+        float: The plain offset, the mean of the trained classes' offsets.
     """
     head = model.decode_head
     c = head.num_classes
-    distinct = 0
     if adapter.method == 'prototypes':
         protos = head.prototypes
-        placed, distinct = place_prototypes(pos_feats, num_prototypes, seed=seed)
-        if num_prototypes < protos.shape[1]:  # fewer asked for: repeat them
-            placed = placed[torch.arange(protos.shape[1]) % num_prototypes]
-        head.bank.prototypes = torch.cat([protos, placed[None].to(protos)], dim=0)
+        empty = protos.new_zeros((1, ) + protos.shape[1:])  # set by place_last_class
+        head.bank.prototypes = torch.cat([protos, empty], dim=0)
         old = head.mask_norm
         base = head.mask_norm_classes or c
         from mmseg_proto.models.decode_heads.proto_head import BaseClassesLayerNorm
@@ -58,7 +55,7 @@ def extend_head(model: nn.Module, adapter: HeadAdapter, pos_feats: Tensor,
         old = head.conv_seg
         conv = nn.Conv2d(old.in_channels, c + 1, 1, bias=old.bias is not None).to(old.weight)
         conv.weight[:c] = old.weight
-        conv.weight[c] = imprint_weight(pos_feats, old.weight.flatten(1))[:, None, None]
+        conv.weight[c] = 0.0  # set by place_last_class
         if old.bias is not None:
             conv.bias[:c] = old.bias
             conv.bias[c] = 0.0
@@ -69,14 +66,18 @@ def extend_head(model: nn.Module, adapter: HeadAdapter, pos_feats: Tensor,
     # One more channel than before: C + 1, or C + 2 for a ProtoEncoderDecoder with
     # anomaly_map (its slide inference stitches the anomaly channel too).
     model.out_channels = getattr(model, 'out_channels', c) + 1
-    return plain, distinct
+    return plain
 
 
 @torch.no_grad()
 def place_last_class(model: nn.Module, adapter: HeadAdapter, pos_feats: Tensor,
-                     num_prototypes: int, seed: int) -> None:
-    """Set the last class's prototypes (repeated up to the head's K) or imprinted row
-    from ``pos_feats``, as :func:`extend_head` places them.
+                     num_prototypes: int, seed: int) -> int:
+    """Set the last class's prototypes or imprinted ``conv_seg`` row from its support
+    pixels' features.
+
+    ProtoHead: ``num_prototypes`` prototypes by :func:`place_prototypes`, repeated to fill
+    the head's K slots. Otherwise: the row by :func:`imprint_weight`, scaled to the other
+    rows.
 
     Args:
         model (nn.Module): The segmentor whose head's last class is the new one.
@@ -84,15 +85,19 @@ def place_last_class(model: nn.Module, adapter: HeadAdapter, pos_feats: Tensor,
         pos_feats (Tensor): (N, D) features of the class's support pixels.
         num_prototypes (int): ProtoHead: distinct prototypes to place, at most K.
         seed (int): Seed of the clustering's start.
+
+    Returns:
+        int: ProtoHead: how many of the placed prototypes are distinct; otherwise 0.
     """
     head = model.decode_head
     if adapter.method == 'prototypes':
-        placed, _ = place_prototypes(pos_feats, num_prototypes, seed=seed)
+        placed, distinct = place_prototypes(pos_feats, num_prototypes, seed=seed)
         k = head.prototypes.shape[1]
         head.prototypes[-1] = placed[torch.arange(k) % num_prototypes].to(head.prototypes)
-    else:
-        weight = head.conv_seg.weight
-        weight[-1] = imprint_weight(pos_feats, weight[:-1].flatten(1))[:, None, None]
+        return distinct
+    weight = head.conv_seg.weight
+    weight[-1] = imprint_weight(pos_feats, weight[:-1].flatten(1))[:, None, None]
+    return 0
 
 
 @torch.no_grad()
