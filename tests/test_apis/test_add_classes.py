@@ -200,6 +200,29 @@ def test_new_prototypes_against_an_independent_computation(protoseg, tmp_path, o
         head.mask_norm.weight.mean().item())
 
 
+def test_fewer_prototypes_than_the_head_holds_fill_its_slots_in_order(protoseg, tmp_path):
+    """num_prototypes=3 of the head's K: the new class's K slots hold the 3 prototypes
+    place_prototypes gives for its support embeddings, slot k prototype k mod 3, and the
+    report counts 3 distinct prototypes of K."""
+    from mmseg_proto.apis.head_adapters import head_adapter
+    from mmseg_proto.apis.support_images import read_support, support_features
+    _, _, model = protoseg
+    support = support_of(car_images(2), tmp_path)
+    new, report = add_classes(model, ['mystery'], [support], num_prototypes=3)
+    adapter, emb = head_adapter(model), []
+    for image, mask in support:
+        img, p, k = read_support(image, mask)
+        f, (p, _) = support_features(model, adapter, img, [p, k])
+        emb.append(f[p])
+    placed, distinct = place_prototypes(torch.cat(emb), 3)
+    k = model.decode_head.num_prototypes
+    assert k > 3
+    torch.testing.assert_close(new.decode_head.prototypes[-1], placed[torch.arange(k) % 3],
+                               rtol=0, atol=0)
+    assert report.classes[0].prototypes == distinct == 3
+    assert f'3 distinct prototypes of {k}' in report.classes[0].notes[0]
+
+
 def test_calibrated_offset_classifies_most_support_pixels(parametric, tmp_path):
     _, _, model = parametric
     support = support_of(car_images(2), tmp_path)
@@ -258,6 +281,13 @@ def test_held_out_calibration_by_hand(parametric, tmp_path):
     both = torch.cat([f[p] for f, p in zip(feats, pos)]).mean(0)
     torch.testing.assert_close(new.decode_head.conv_seg.weight[-1].flatten(),
                                both / both.norm() * scale)
+    # The reported support IoU: the final row's scores at that offset against the trained
+    # classes' best logit, intersection over union of the support pixels.
+    pred = torch.cat(feats) @ (both / both.norm() * scale) + report.classes[0].offset \
+        > torch.cat(base).max(dim=1).values
+    positive = torch.cat(pos)
+    iou = int((pred & positive).sum()) / int((pred | positive).sum())
+    assert report.classes[0].support_iou == pytest.approx(iou, rel=1e-6)
     _, in_sample = add_classes(model, ['mystery'], [support])  # the default
     assert in_sample.classes[0].offset != pytest.approx(offset)
 
