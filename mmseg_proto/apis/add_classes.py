@@ -4,11 +4,13 @@
 classes and, for each, a few support images with their masks, and returns a copy of the
 model that segments C + n classes (``dataset_meta`` and ``model.cfg`` extended):
 
-- ``ProtoHead``: the new class's K prototypes are placed on the unit sphere by the
-  clustering training uses (balanced Sinkhorn-Knopp assignment of the support pixels'
-  embeddings to K prototypes, each the normalised mean of its pixels; a few rounds from K
-  support pixels as the start). The LayerNorm over classes keeps its statistics over the
-  trained classes (``mask_norm_classes``), so their logits are bit-identical.
+- ``ProtoHead``: the new class gets one prototype by default, the normalised mean of its
+  support pixels' embeddings, in each of its K slots; with ``num_prototypes=N``, N placed
+  on the unit sphere by the clustering training uses (balanced Sinkhorn-Knopp assignment
+  of the embeddings to N prototypes, each the normalised mean of its pixels; a few rounds
+  from N support pixels as the start), repeated to fill the K slots. The LayerNorm over
+  classes keeps its statistics over the trained classes (``mask_norm_classes``), so their
+  logits are bit-identical.
 - Any decode head ending in a 1x1 ``conv_seg`` (every stock MMSeg model): weight imprinting
   (Qi, Brown and Lowe, CVPR 2018): the new row is the normalised mean support feature
   scaled to the mean norm of the existing rows.
