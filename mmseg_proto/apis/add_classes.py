@@ -238,7 +238,8 @@ def _add_class(model: nn.Module, adapter: HeadAdapter, name: str, feats: List[Te
             for i in range(len(feats))
         ])
         info.offset, _ = calibrate_offset(held, base_logits, pos_all, known_all)
-        place_last_class(model, adapter, feats_all[pos_all], num_prototypes, seed)  # all
+        # ... and the class placed from every image again, as without held-out calibration
+        place_last_class(model, adapter, feats_all[pos_all], num_prototypes, seed)
         info.support_iou = support_iou(scores + info.offset > best_base, pos_all)
         info.notes.append(f'offset from each of the {len(feats)} support images scored by '
                           'the class placed from the others')
