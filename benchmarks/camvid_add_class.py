@@ -199,7 +199,7 @@ def evaluate(work_dir: str, data_root: str, held: int, head: str, shots: list,
 
     import mmseg_proto  # noqa: F401
     from mmseg_proto.apis import add_classes
-    from mmseg_proto.apis.add_classes import head_adapter
+    from mmseg_proto.apis.head_adapters import head_adapter
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', 2)))
     config = glob.glob(osp.join(work_dir, '*.py'))[0]
     with open(osp.join(work_dir, 'last_checkpoint')) as f:

@@ -1,7 +1,7 @@
-"""mmseg_proto.apis.add_classes and tools/analysis_tools/add_class.py: new prototypes and
-imprinted rows against hand computations, trained classes untouched, the written config and
-checkpoint through MMSeg's own loaders, and every bad input refused before anything is
-written."""
+"""mmseg_proto.apis.add_classes (and its steps' modules beside it) and
+tools/analysis_tools/add_class.py: new prototypes and imprinted rows against hand
+computations, trained classes untouched, the written config and checkpoint through MMSeg's
+own loaders, and every bad input refused before anything is written."""
 import glob
 import os
 import os.path as osp
@@ -200,6 +200,29 @@ def test_new_prototypes_against_an_independent_computation(protoseg, tmp_path, o
         head.mask_norm.weight.mean().item())
 
 
+def test_fewer_prototypes_than_the_head_holds_fill_its_slots_in_order(protoseg, tmp_path):
+    """num_prototypes=3 of the head's K: the new class's K slots hold the 3 prototypes
+    place_prototypes gives for its support embeddings, slot k prototype k mod 3, and the
+    report counts 3 distinct prototypes of K."""
+    from mmseg_proto.apis.head_adapters import head_adapter
+    from mmseg_proto.apis.support_images import read_support, support_features
+    _, _, model = protoseg
+    support = support_of(car_images(2), tmp_path)
+    new, report = add_classes(model, ['mystery'], [support], num_prototypes=3)
+    adapter, emb = head_adapter(model), []
+    for image, mask in support:
+        img, p, k = read_support(image, mask)
+        f, (p, _) = support_features(model, adapter, img, [p, k])
+        emb.append(f[p])
+    placed, distinct = place_prototypes(torch.cat(emb), 3)
+    k = model.decode_head.num_prototypes
+    assert k > 3
+    torch.testing.assert_close(new.decode_head.prototypes[-1], placed[torch.arange(k) % 3],
+                               rtol=0, atol=0)
+    assert report.classes[0].prototypes == distinct == 3
+    assert f'3 distinct prototypes of {k}' in report.classes[0].notes[0]
+
+
 def test_calibrated_offset_classifies_most_support_pixels(parametric, tmp_path):
     _, _, model = parametric
     support = support_of(car_images(2), tmp_path)
@@ -233,7 +256,8 @@ def test_held_out_calibration_by_hand(parametric, tmp_path):
     """Two support images: each is scored by the row imprinted from the other one, and
     the offset is the IoU-maximising one over both (computed here from the features);
     the final row is imprinted from both."""
-    from mmseg_proto.apis.add_classes import head_adapter, read_support, support_features
+    from mmseg_proto.apis.head_adapters import head_adapter
+    from mmseg_proto.apis.support_images import read_support, support_features
     _, _, model = parametric
     support = support_of(car_images(2), tmp_path)
     new, report = add_classes(model, ['mystery'], [support], held_out_calibration=True)
@@ -257,6 +281,13 @@ def test_held_out_calibration_by_hand(parametric, tmp_path):
     both = torch.cat([f[p] for f, p in zip(feats, pos)]).mean(0)
     torch.testing.assert_close(new.decode_head.conv_seg.weight[-1].flatten(),
                                both / both.norm() * scale)
+    # The reported support IoU: the final row's scores at that offset against the trained
+    # classes' best logit, intersection over union of the support pixels.
+    pred = torch.cat(feats) @ (both / both.norm() * scale) + report.classes[0].offset \
+        > torch.cat(base).max(dim=1).values
+    positive = torch.cat(pos)
+    iou = int((pred & positive).sum()) / int((pred | positive).sum())
+    assert report.classes[0].support_iou == pytest.approx(iou, rel=1e-6)
     _, in_sample = add_classes(model, ['mystery'], [support])  # the default
     assert in_sample.classes[0].offset != pytest.approx(offset)
 
@@ -596,7 +627,7 @@ def test_identical_support_pixels_count_as_one_prototype():
 def test_label_map_void_is_neither_the_class_nor_known():
     """With mask_value, a label map's 255 (void) pixels are unknown: not the class, and not
     counted as 'not the class' by the calibration."""
-    from mmseg_proto.apis.add_classes import read_support
+    from mmseg_proto.apis.support_images import read_support
     image = car_images(1)[0]
     label = mmcv.imread(label_of(image), 'unchanged')
     assert (label == 255).any() and (label == CAR).any()
@@ -680,3 +711,28 @@ def test_tool_refuses_a_device_it_cannot_use(device, message, tmp_path):
                     tmp_path / 'l.txt', '--out', tmp_path / 'out', '--device', device)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_import_paths_of_before_the_split_still_work():
+    """add_classes.py held every step before they got modules of their own: the names
+    imported from it, and from mmseg_proto.apis, are still there and are the new modules'
+    objects."""
+    import importlib
+
+    import mmseg_proto.apis as apis
+    from mmseg_proto.apis import add_class_checks, class_placement, head_adapters
+    from mmseg_proto.apis import model_extension, support_images
+    old = importlib.import_module('mmseg_proto.apis.add_classes')
+    home = {'AddClassError': add_class_checks, 'read_support': support_images,
+            'support_features': support_images, 'ImageLike': support_images,
+            'Support': support_images, 'head_adapter': head_adapters,
+            'place_prototypes': class_placement, 'imprint_weight': class_placement,
+            'calibrate_offset': class_placement, 'refine_new_class': class_placement,
+            'distinct_colours': model_extension}
+    for name, module in home.items():
+        assert getattr(old, name) is getattr(module, name), name
+    for name in apis.__all__:
+        assert getattr(apis, name) is getattr(old, name), name
+    assert set(apis.__all__) == {'add_classes', 'AddClassError', 'AddClassReport',
+                                 'AddedClass', 'calibrate_offset', 'imprint_weight',
+                                 'place_prototypes'}
