@@ -95,13 +95,21 @@ def scores_of(config: str, checkpoint: str, images) -> Tuple[str, List[float]]:
     from mmseg_proto.evaluation.anomaly_metrics import anomaly_metrics
     from mmseg_proto.evaluation.anomaly_scores import energy_score
     from mmseg_proto.utils.config_scope import mmseg_proto_config_scope
+    from mmengine.runner import load_checkpoint
+    if not osp.isfile(checkpoint):
+        raise SystemExit(f'{checkpoint}: no such checkpoint')
     with mmseg_proto_config_scope():
         probe = init_model(config, None, device='cpu')
     prototypes = hasattr(probe.decode_head, 'prototypes')
     options = ({'model.type': 'ProtoEncoderDecoder', 'model.anomaly_map': True}
                if prototypes else None)
     with mmseg_proto_config_scope():
-        model = init_model(config, checkpoint, device='cpu', cfg_options=options)
+        model = init_model(config, None, device='cpu', cfg_options=options)
+    try:  # every tensor from the checkpoint (init_model alone would leave misfits random)
+        load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='silent')
+    except RuntimeError as err:
+        raise SystemExit(f'{checkpoint} does not fit the model of {config} (a checkpoint '
+                         f'of another config?): {str(err).splitlines()[0]}') from err
     aurocs = []
     for _, img, core, scene in images:
         with torch.no_grad():

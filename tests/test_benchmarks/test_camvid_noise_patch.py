@@ -71,3 +71,24 @@ def test_refuses_counts_sizes_and_nothing_to_score(argv, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         bench().main(argv)
     assert stop.value.code == 2 and 'error:' in capsys.readouterr().err
+
+
+def test_a_run_folder_whose_checkpoint_is_another_models_is_refused(camvid_protoseg, tmp_path,
+                                                                     capsys):
+    """A parametric config beside a ProtoSeg checkpoint: one message, not a model scored with
+    random weights where the checkpoint does not fit (what ``init_model`` alone would do)."""
+    import shutil
+
+    from conftest import BASELINE_CFG
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    (folder / 'baseline.py').write_text(f'_base_ = [{BASELINE_CFG!r}]\n')
+    shutil.copy(camvid_protoseg[0], folder / 'iter_2.pth')
+    (folder / 'last_checkpoint').write_text(str(folder / 'iter_2.pth'))
+    with pytest.raises(SystemExit, match='does not fit the model of'):
+        bench().main(['--data-root', CAMVID_MINI, '--images', '1', '--work-dirs',
+                      str(folder)])
+    (folder / 'iter_2.pth').unlink()
+    with pytest.raises(SystemExit, match='no such checkpoint'):
+        bench().main(['--data-root', CAMVID_MINI, '--images', '1', '--work-dirs',
+                      str(folder)])
