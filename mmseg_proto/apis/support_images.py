@@ -102,21 +102,47 @@ def _check_array(data: np.ndarray, flag: str, what: str) -> np.ndarray:
     return data
 
 
+def test_windows(model: nn.Module, height: int, width: int) -> List[Tuple[int, int, int, int]]:
+    """The (y1, y2, x1, x2) windows the model's inference reads of a preprocessed
+    ``height`` x ``width`` image: the whole image, or under ``test_cfg.mode='slide'`` the
+    windows of MMSeg's ``EncoderDecoder.slide_inference`` (same grid, same clipping)."""
+    test_cfg = getattr(model, 'test_cfg', None) or {}
+    if test_cfg.get('mode', 'whole') != 'slide':
+        return [(0, height, 0, width)]
+    h_stride, w_stride = test_cfg['stride']
+    h_crop, w_crop = test_cfg['crop_size']
+    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
+    windows = []
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y2, x2 = min(h_idx * h_stride + h_crop, height), min(w_idx * w_stride + w_crop, width)
+            windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return windows
+
+
 @torch.no_grad()
 def support_features(model: nn.Module, adapter: HeadAdapter, image: np.ndarray,
                      masks: Sequence[np.ndarray]) -> Tuple[Tensor, List[Tensor]]:
-    """(h*w, D) features of ``image`` through the model's test pipeline and data
-    preprocessor, and each boolean mask resized as training resizes labels (to the
-    preprocessed image, padded with False, then nearest to the decoder's resolution).
+    """(N, D) features of ``image`` through the model's test pipeline, data preprocessor
+    and inference windows, and each boolean mask resized as training resizes labels (to
+    the preprocessed image, padded with False, then nearest to the decoder's resolution).
+
+    With whole-image inference N = h*w, the decoder's resolution. Under a slide
+    ``test_cfg`` the features are those of each window slide inference reads
+    (:func:`test_windows`), one after the other, so that the class is placed and
+    calibrated on the features the model predicts from; a pixel in several windows is a
+    sample of each.
 
     Args:
-        model (nn.Module): The segmentor (its ``cfg`` and data preprocessor are used).
+        model (nn.Module): The segmentor (its ``cfg``, ``test_cfg`` and data preprocessor
+            are used).
         adapter (HeadAdapter): The adapter of its decode head (:func:`head_adapter`).
         image (ndarray): A BGR image, as :func:`read_support` gives it.
         masks (Sequence[ndarray]): Boolean maps of the image's size.
 
     Returns:
-        tuple[Tensor, list[Tensor]]: The (h*w, D) features and each mask as (h*w,) bool.
+        tuple[Tensor, list[Tensor]]: The (N, D) features and each mask as (N,) bool.
     """
     import mmcv
     from mmcv.transforms import Compose
@@ -128,13 +154,19 @@ def support_features(model: nn.Module, adapter: HeadAdapter, image: np.ndarray,
     batch = model.data_preprocessor(dict(inputs=[data['inputs']],
                                          data_samples=[data['data_samples']]), False)
     inputs = batch['inputs']
-    feats = adapter.features(model, inputs)[0]  # (h, w, D)
     h_img, w_img = batch['data_samples'][0].img_shape[:2]
-    resized = []
+    full_masks = []
     for mask in masks:
         m = mmcv.imresize(mask.astype(np.uint8), (w_img, h_img), interpolation='nearest')
         full = torch.zeros(inputs.shape[-2:], dtype=torch.float32)
         full[:h_img, :w_img] = torch.from_numpy(m).float()
-        small = F.interpolate(full[None, None], size=feats.shape[:2], mode='nearest')
-        resized.append(small.view(-1).bool().to(feats.device))
-    return feats.reshape(-1, feats.shape[-1]), resized
+        full_masks.append(full)
+    feats, resized = [], [[] for _ in masks]
+    for y1, y2, x1, x2 in test_windows(model, *inputs.shape[-2:]):
+        window = adapter.features(model, inputs[:, :, y1:y2, x1:x2])[0]  # (h, w, D)
+        feats.append(window.reshape(-1, window.shape[-1]))
+        for full, out in zip(full_masks, resized):
+            small = F.interpolate(full[None, None, y1:y2, x1:x2], size=window.shape[:2],
+                                  mode='nearest')
+            out.append(small.view(-1).bool().to(window.device))
+    return torch.cat(feats), [torch.cat(m) for m in resized]

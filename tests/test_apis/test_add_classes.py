@@ -252,6 +252,42 @@ def test_refinement_moves_only_the_new_class(which, request, tmp_path):
                                    torch.ones(10))
 
 
+SLIDE = {'model.test_cfg': dict(mode='slide', crop_size=(96, 96), stride=(64, 64))}
+
+
+@pytest.mark.parametrize('which', ['protoseg', 'parametric'])
+def test_support_features_under_slide_inference_are_mmsegs_windows(which, request,
+                                                                    tmp_path):
+    """Under ``test_cfg.mode='slide'`` the class is placed from the features of the
+    windows MMSeg's own slide inference decodes (recorded from ``inference_model``), one
+    after the other; the trained classes' slide logits stay bit-identical."""
+    from mmseg.apis import init_model
+    from mmseg_proto.apis.head_adapters import head_adapter
+    from mmseg_proto.apis.support_images import read_support, support_features
+    cfg, ckpt, _ = request.getfixturevalue(which)
+    model = init_model(cfg, ckpt, device='cpu', cfg_options=SLIDE)
+    adapter = head_adapter(model)
+    (image, mask), = support_of(car_images(1), tmp_path)
+    img, positive, _ = read_support(image, mask)
+    everywhere = np.ones(positive.shape, bool)
+    feats, (pos, all_true, none) = support_features(model, adapter, img,
+                                                    [positive, everywhere, ~everywhere])
+    crops, decode = [], model.encode_decode
+    model.encode_decode = lambda inputs, metas: crops.append(inputs) or decode(inputs, metas)
+    try:
+        _logits(model, image)  # MMSeg reads the file as read_support does
+    finally:
+        del model.encode_decode
+    assert len(crops) > 1  # windows, not the whole image
+    expected = torch.cat([adapter.features(model, c)[0].flatten(0, 1) for c in crops])
+    assert torch.equal(feats, expected)
+    assert pos.shape == all_true.shape == none.shape == feats.shape[:1]
+    assert bool(all_true.all()) and not bool(none.any()) and 0 < int(pos.sum()) < pos.numel()
+    new, report = add_classes(model, ['mystery'], [[(image, mask)]])
+    assert report.classes[0].pixels == int(pos.sum())
+    assert torch.equal(_logits(new, VAL[0])[:11], _logits(model, VAL[0]))
+
+
 def test_held_out_calibration_by_hand(parametric, tmp_path):
     """Two support images: each is scored by the row imprinted from the other one, and
     the offset is the IoU-maximising one over both (computed here from the features);
