@@ -240,7 +240,7 @@ def _add_class(model: nn.Module, adapter: HeadAdapter, name: str, feats: List[Te
         info.offset, _ = calibrate_offset(held, base_logits, pos_all, known_all)
         # ... and the class placed from every image again, as without held-out calibration
         place_last_class(model, adapter, feats_all[pos_all], num_prototypes, seed)
-        info.support_iou = support_iou(scores + info.offset > best_base, pos_all)
+        info.support_iou = support_iou(scores + info.offset > best_base, pos_all, known_all)
         info.notes.append(f'offset from each of the {len(feats)} support images scored by '
                           'the class placed from the others')
     elif calibrate:
@@ -248,14 +248,15 @@ def _add_class(model: nn.Module, adapter: HeadAdapter, name: str, feats: List[Te
                                                          known_all)
     else:
         info.offset = plain_offset
-        info.support_iou = support_iou(scores + info.offset > best_base, pos_all)
+        info.support_iou = support_iou(scores + info.offset > best_base, pos_all, known_all)
     set_offset(model, adapter, info.offset)
     if refine_steps:
         refine_new_class(model, adapter, feats_all, pos_all, known_all,
                          base_logits.argmax(dim=1), refine_steps, refine_lr)
         with torch.no_grad():
             logits = adapter.pixel_logits(feats_all)
-        info.support_iou = support_iou(logits.argmax(dim=1) == logits.shape[1] - 1, pos_all)
+        info.support_iou = support_iou(logits.argmax(dim=1) == logits.shape[1] - 1, pos_all,
+                                       known_all)
         info.notes.append(f'refined: {refine_steps} steps')
     return info
 

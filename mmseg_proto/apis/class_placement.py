@@ -108,15 +108,17 @@ def calibrate_offset(new_scores: Tensor, base_logits: Tensor, positive: Tensor,
     return 0.5 * (float(t[best]) + nxt), float(iou[best])
 
 
-def support_iou(predicted: Tensor, positive: Tensor) -> float:
+def support_iou(predicted: Tensor, positive: Tensor, known: Tensor) -> float:
     """The new class's IoU on its support: the pixels predicted as the class against its
-    pixels, over every support pixel (void ones included, unlike
-    :func:`calibrate_offset`'s, which counts the known pixels only).
+    pixels, over the pixels whose label is known (void and padding left out), as
+    :func:`calibrate_offset` counts it.
 
     Args:
         predicted (Tensor): (N,) bool, the pixels predicted as the new class.
         positive (Tensor): (N,) bool, the class's pixels.
+        known (Tensor): (N,) bool, pixels whose label is known (positives and others).
     """
+    predicted, positive = predicted[known], positive[known]
     return float((predicted & positive).sum() / (predicted | positive).sum())
 
 

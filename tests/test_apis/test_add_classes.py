@@ -328,6 +328,35 @@ def test_held_out_calibration_by_hand(parametric, tmp_path):
     assert in_sample.classes[0].offset != pytest.approx(offset)
 
 
+def test_support_iou_leaves_void_pixels_out_in_every_branch(parametric):
+    """A label map with void (255) as the mask: the reported support IoU counts the known
+    pixels only, whichever way the offset was set (by hand from the features, over the
+    pixels that are not void)."""
+    from mmseg_proto.apis.head_adapters import head_adapter
+    from mmseg_proto.apis.support_images import read_support, support_features
+    _, _, model = parametric
+    image = car_images(1)[0]
+    img, positive, known = read_support(image, label_of(image), CAR)
+    assert 0 < int((~known).sum())  # void pixels in this label map
+    adapter = head_adapter(model)
+    feats, (pos, known) = support_features(model, adapter, img, [positive, known])
+    known = known | pos
+    head = model.decode_head.conv_seg
+    base = feats @ head.weight.flatten(1).T + head.bias
+    for options in (dict(calibrate=False), dict(refine_steps=3), dict()):
+        new, report = add_classes(model, ['mystery'], [[(image, label_of(image))]], [CAR],
+                                  **options)
+        new_head = new.decode_head.conv_seg
+        logits = feats @ new_head.weight.flatten(1).T + new_head.bias
+        pred = logits.argmax(dim=1) == 11 if options.get('refine_steps') else \
+            logits[:, 11] > base.max(dim=1).values
+        p, y = pred[known], pos[known]
+        hand = int((p & y).sum()) / int((p | y).sum())
+        assert report.classes[0].support_iou == pytest.approx(hand, rel=1e-6), options
+        everywhere = int((pred & pos).sum()) / int((pred | pos).sum())
+        assert everywhere != pytest.approx(hand, rel=1e-6)  # void pixels were predicted
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize('case', ['empty', 'size', 'name', 'vanishes', 'unreadable',
                                   'head', 'values'])
