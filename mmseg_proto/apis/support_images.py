@@ -109,8 +109,15 @@ def test_windows(model: nn.Module, height: int, width: int) -> List[Tuple[int, i
     test_cfg = getattr(model, 'test_cfg', None) or {}
     if test_cfg.get('mode', 'whole') != 'slide':
         return [(0, height, 0, width)]
-    h_stride, w_stride = test_cfg['stride']
-    h_crop, w_crop = test_cfg['crop_size']
+    try:
+        (h_stride, w_stride), (h_crop, w_crop) = test_cfg['stride'], test_cfg['crop_size']
+        if min(h_stride, w_stride, h_crop, w_crop) < 1:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise AddClassError(
+            f"the model's test_cfg {dict(test_cfg)} asks for slide inference: give it "
+            'crop_size=(h, w) and stride=(h, w), positive integers, as MMSeg\'s '
+            'slide_inference needs') from None
     h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
     windows = []

@@ -288,6 +288,18 @@ def test_support_features_under_slide_inference_are_mmsegs_windows(which, reques
     assert torch.equal(_logits(new, VAL[0])[:11], _logits(model, VAL[0]))
 
 
+@pytest.mark.parametrize('test_cfg', [dict(mode='slide', crop_size=(96, 96)),
+                                      dict(mode='slide', crop_size=(96, 96), stride=(0, 64)),
+                                      dict(mode='slide', crop_size=96, stride=(64, 64))])
+def test_a_slide_test_cfg_without_its_windows_is_refused(test_cfg, protoseg, tmp_path):
+    import copy
+    _, _, model = protoseg
+    model = copy.deepcopy(model)
+    model.test_cfg = test_cfg
+    with pytest.raises(AddClassError, match='crop_size=.h, w. and stride=.h, w.'):
+        add_classes(model, ['mystery'], [support_of(car_images(1), tmp_path)])
+
+
 def test_held_out_calibration_by_hand(parametric, tmp_path):
     """Two support images: each is scored by the row imprinted from the other one, and
     the offset is the IoU-maximising one over both (computed here from the features);
