@@ -64,7 +64,7 @@ def test_printed_auroc_is_mmsegs_map_ranked_by_hand(camvid_protoseg, capsys):
 
 
 @pytest.mark.parametrize('argv', [['--images', '0', '--short-iters', '1'],
-                                  ['--side', '0.9', '--short-iters', '1'],
+                                  ['--sides', '0.3', '0.9', '--short-iters', '1'],
                                   ['--images', '2']])
 def test_refuses_counts_sizes_and_nothing_to_score(argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', [SCRIPT])
@@ -92,3 +92,11 @@ def test_a_run_folder_whose_checkpoint_is_another_models_is_refused(camvid_proto
     with pytest.raises(SystemExit, match='no such checkpoint'):
         bench().main(['--data-root', CAMVID_MINI, '--images', '1', '--work-dirs',
                       str(folder)])
+
+
+def test_summary_pairs_each_protoseg_run_with_the_parametric_run_of_its_name():
+    runs = [('protoseg_a', 'map', [0.9, 0.7]), ('parametric_a', 'energy', [0.6, 0.6]),
+            ('protoseg_b', 'map', [0.5]), ('parametric_b', 'energy', [0.55]),
+            ('protoseg_c', 'map', [0.99])]  # no parametric run named c: not a pair
+    row, = bench().summary_rows({('noise', 0.5): runs})
+    assert row == '| noise | 0.50 | 50.0-99.0 | 55.0-60.0 | 1 of 2 |'
