@@ -223,7 +223,8 @@ def main(argv=None) -> int:
                                    osp.join(tmp, f'{name}_{seed}'))
                 score(f'{name}, {args.short_iters} it, seed {seed}', config, ckpt)
     for (fill, side), runs in results.items():
-        print(f'\n{args.images} val images of {args.data_root}, {fill} square of side '
+        count = len(squares[fill, side])  # fewer than --images where the split is smaller
+        print(f'\n{count} val images of {args.data_root}, {fill} square of side '
               f'{side:.2f} x the image height (noise seed {args.noise_seed}), AUROC core vs '
               'scene (%)\n')
         print('| model | score | min | mean | max |\n|---|---|---|---|---|')

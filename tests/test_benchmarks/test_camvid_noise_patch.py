@@ -1,6 +1,7 @@
 """benchmarks/camvid_noise_patch.py: the pasted square, its core and scene masks, and the
 AUROC it prints, against MMSeg's inference and a rank count by hand."""
 import importlib.util
+import os
 import os.path as osp
 import sys
 
@@ -49,9 +50,11 @@ def test_printed_auroc_is_mmsegs_map_ranked_by_hand(camvid_protoseg, capsys):
     module = bench()
     assert module.main(['--data-root', CAMVID_MINI, '--images', '2', '--work-dirs',
                         work_dir]) == 0
-    row = [line for line in capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out
+    row = [line for line in printed.splitlines()
            if line.startswith(f'| {osp.basename(work_dir)} |')]
     assert len(row) == 1 and 'anomaly map (1 - max cosine)' in row[0]
+    assert f'\n2 val images of {CAMVID_MINI}, noise square' in printed
     low, mean, high = (float(v) for v in row[0].strip('| ').split(' | ')[2:])
     model = init_model(PROTO_CFG, camvid_protoseg[0], device='cpu', cfg_options={
         'model.type': 'ProtoEncoderDecoder', 'model.anomaly_map': True})
@@ -61,6 +64,14 @@ def test_printed_auroc_is_mmsegs_map_ranked_by_hand(camvid_protoseg, capsys):
         expected.append(100 * auroc_by_hand(amap[core], amap[scene]))
     assert (low, mean, high) == pytest.approx(
         (min(expected), np.mean(expected), max(expected)), abs=0.051)
+
+
+def test_the_image_count_printed_is_the_count_scored(camvid_protoseg, capsys):
+    """--images above the split's size: the header says how many were scored."""
+    val = len(os.listdir(osp.join(CAMVID_MINI, 'img_dir', 'val')))
+    assert bench().main(['--data-root', CAMVID_MINI, '--images', str(val + 5), '--work-dirs',
+                         osp.dirname(camvid_protoseg[0])]) == 0
+    assert f'\n{val} val images of' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('argv', [['--images', '0', '--short-iters', '1'],
