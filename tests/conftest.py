@@ -40,11 +40,15 @@ def memoise_mmengine_metafile_lookup():
         return
     answers = {}
 
-    def cfg_metainfo(package_path, cfg_path):
-        key = (package_path, cfg_path)
+    def cfg_metainfo(*args, **kwargs):  # whatever mmengine passes, passed on as it is
+        key = (args, tuple(sorted(kwargs.items())))
+        try:
+            hash(key)
+        except TypeError:  # not a lookup this memo knows: mmengine's own answer
+            return original(*args, **kwargs)
         if key not in answers:
             try:
-                answers[key] = (original(package_path, cfg_path), None)
+                answers[key] = (original(*args, **kwargs), None)
             except ValueError as err:
                 answers[key] = (None, str(err))
         found, error = answers[key]
