@@ -179,18 +179,19 @@ def train_short(config: str, iters: int, seed: int, work_dir: str) -> str:
 
 def summary_rows(results: Dict[Tuple[str, float], List[Tuple[str, str, List[float]]]]
                  ) -> List[str]:
-    """Per square: each score's mean AUROC (range over the runs), and in how many pairs of
-    runs (ProtoSeg and the parametric run of the same name) the anomaly map is ahead."""
+    """Per square: each score's mean AUROC (range over the runs of that kind), and in how
+    many pairs of runs the anomaly map is ahead: a ProtoSeg run pairs with the parametric run
+    whose name is its own with 'protoseg' replaced by 'parametric' (the benchmarks' run
+    folders, ``protoseg_s1`` and ``parametric_s1``)."""
     rows = []
     for (fill, side), runs in results.items():
-        means = {name: 100 * float(np.mean(a)) for name, _, a in runs}
-        proto = [m for name, m in means.items() if name.startswith('protoseg')]
-        param = [m for name, m in means.items() if name.startswith('parametric')]
-        pairs = [(m, means[name.replace('protoseg', 'parametric', 1)])
-                 for name, m in means.items()
-                 if name.startswith('protoseg')
-                 and name.replace('protoseg', 'parametric', 1) in means]
+        proto = {name: 100 * float(np.mean(a)) for name, kind, a in runs if kind != 'energy'}
+        param = {name: 100 * float(np.mean(a)) for name, kind, a in runs if kind == 'energy'}
+        pairs = [(m, param[name.replace('protoseg', 'parametric', 1)])
+                 for name, m in proto.items()
+                 if name.replace('protoseg', 'parametric', 1) in param]
         ahead = sum(p > e for p, e in pairs)
+        proto, param = list(proto.values()), list(param.values())
 
         def span(values):
             return f'{min(values):.1f}-{max(values):.1f}' if values else '-'
@@ -201,7 +202,8 @@ def summary_rows(results: Dict[Tuple[str, float], List[Tuple[str, str, List[floa
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, REPO)
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
     import mmseg_proto  # noqa: F401
     squares = {(fill, side): noise_patch_images(args.data_root, args.images, side,
                                                 args.noise_seed, fill)

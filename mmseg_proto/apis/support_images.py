@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .add_class_checks import AddClassError
+from .add_class_checks import AddClassError, is_int
 from .head_adapters import HeadAdapter
 
 ImageLike = Union[str, np.ndarray]
@@ -102,7 +102,8 @@ def _check_array(data: np.ndarray, flag: str, what: str) -> np.ndarray:
     return data
 
 
-def test_windows(model: nn.Module, height: int, width: int) -> List[Tuple[int, int, int, int]]:
+def inference_windows(model: nn.Module, height: int,
+                      width: int) -> List[Tuple[int, int, int, int]]:
     """The (y1, y2, x1, x2) windows the model's inference reads of a preprocessed
     ``height`` x ``width`` image: the whole image, or under ``test_cfg.mode='slide'`` the
     windows of MMSeg's ``EncoderDecoder.slide_inference`` (same grid, same clipping)."""
@@ -111,7 +112,7 @@ def test_windows(model: nn.Module, height: int, width: int) -> List[Tuple[int, i
         return [(0, height, 0, width)]
     try:
         (h_stride, w_stride), (h_crop, w_crop) = test_cfg['stride'], test_cfg['crop_size']
-        if min(h_stride, w_stride, h_crop, w_crop) < 1:
+        if not all(is_int(v) and v >= 1 for v in (h_stride, w_stride, h_crop, w_crop)):
             raise ValueError
     except (KeyError, TypeError, ValueError):
         raise AddClassError(
@@ -137,7 +138,7 @@ def support_features(model: nn.Module, adapter: HeadAdapter, image: np.ndarray,
 
     With whole-image inference N = h*w, the decoder's resolution. Under a slide
     ``test_cfg`` the features are those of each window slide inference reads
-    (:func:`test_windows`), one after the other, so that the class is placed and
+    (:func:`inference_windows`), one after the other, so that the class is placed and
     calibrated on the features the model predicts from; a pixel in several windows is a
     sample of each.
 
@@ -169,7 +170,7 @@ def support_features(model: nn.Module, adapter: HeadAdapter, image: np.ndarray,
         full[:h_img, :w_img] = torch.from_numpy(m).float()
         full_masks.append(full)
     feats, resized = [], [[] for _ in masks]
-    for y1, y2, x1, x2 in test_windows(model, *inputs.shape[-2:]):
+    for y1, y2, x1, x2 in inference_windows(model, *inputs.shape[-2:]):
         window = adapter.features(model, inputs[:, :, y1:y2, x1:x2])[0]  # (h, w, D)
         feats.append(window.reshape(-1, window.shape[-1]))
         for full, out in zip(full_masks, resized):

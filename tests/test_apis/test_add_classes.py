@@ -290,7 +290,8 @@ def test_support_features_under_slide_inference_are_mmsegs_windows(which, reques
 
 @pytest.mark.parametrize('test_cfg', [dict(mode='slide', crop_size=(96, 96)),
                                       dict(mode='slide', crop_size=(96, 96), stride=(0, 64)),
-                                      dict(mode='slide', crop_size=96, stride=(64, 64))])
+                                      dict(mode='slide', crop_size=96, stride=(64, 64)),
+                                      dict(mode='slide', crop_size=(96., 96.), stride=(64, 64))])
 def test_a_slide_test_cfg_without_its_windows_is_refused(test_cfg, protoseg, tmp_path):
     import copy
     _, _, model = protoseg
@@ -341,23 +342,27 @@ def test_held_out_calibration_by_hand(parametric, tmp_path):
 
 
 def test_support_iou_leaves_void_pixels_out_in_every_branch(parametric):
-    """A label map with void (255) as the mask: the reported support IoU counts the known
+    """Label maps with void (255) as the masks: the reported support IoU counts the known
     pixels only, whichever way the offset was set (by hand from the features, over the
     pixels that are not void)."""
     from mmseg_proto.apis.head_adapters import head_adapter
     from mmseg_proto.apis.support_images import read_support, support_features
     _, _, model = parametric
-    image = car_images(1)[0]
-    img, positive, known = read_support(image, label_of(image), CAR)
-    assert 0 < int((~known).sum())  # void pixels in this label map
+    images = car_images(2)
     adapter = head_adapter(model)
-    feats, (pos, known) = support_features(model, adapter, img, [positive, known])
-    known = known | pos
+    feats, pos, known = [], [], []
+    for image in images:
+        img, positive, k = read_support(image, label_of(image), CAR)
+        assert 0 < int((~k).sum())  # void pixels in this label map
+        f, (p, k) = support_features(model, adapter, img, [positive, k])
+        feats.append(f), pos.append(p), known.append(k | p)
+    feats, pos, known = torch.cat(feats), torch.cat(pos), torch.cat(known)
     head = model.decode_head.conv_seg
     base = feats @ head.weight.flatten(1).T + head.bias
-    for options in (dict(calibrate=False), dict(refine_steps=3), dict()):
-        new, report = add_classes(model, ['mystery'], [[(image, label_of(image))]], [CAR],
-                                  **options)
+    support = [(image, label_of(image)) for image in images]
+    for options in (dict(calibrate=False), dict(refine_steps=3), dict(),
+                    dict(held_out_calibration=True)):
+        new, report = add_classes(model, ['mystery'], [support], [CAR], **options)
         new_head = new.decode_head.conv_seg
         logits = feats @ new_head.weight.flatten(1).T + new_head.bias
         pred = logits.argmax(dim=1) == 11 if options.get('refine_steps') else \

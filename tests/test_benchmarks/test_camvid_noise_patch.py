@@ -108,6 +108,38 @@ def test_a_run_folder_whose_checkpoint_is_another_models_is_refused(camvid_proto
 def test_summary_pairs_each_protoseg_run_with_the_parametric_run_of_its_name():
     runs = [('protoseg_a', 'map', [0.9, 0.7]), ('parametric_a', 'energy', [0.6, 0.6]),
             ('protoseg_b', 'map', [0.5]), ('parametric_b', 'energy', [0.55]),
-            ('protoseg_c', 'map', [0.99])]  # no parametric run named c: not a pair
+            ('protoseg_c', 'map', [0.99]),  # no parametric run named c: not a pair
+            ('segformer_d', 'energy', [0.1])]  # a parametric run by its kind, not its name
     row, = bench().summary_rows({('noise', 0.5): runs})
-    assert row == '| noise | 0.50 | 50.0-99.0 | 55.0-60.0 | 1 of 2 |'
+    assert row == '| noise | 0.50 | 50.0-99.0 | 10.0-60.0 | 1 of 2 |'
+
+
+def test_a_parametric_run_is_scored_by_the_energy_of_mmsegs_logits(tmp_path, capsys):
+    """A parametric run folder (random weights): its row is the energy score, -logsumexp
+    of MMSeg's logits, ranked by hand; magenta squares."""
+    import torch
+    from mmseg.apis import inference_model, init_model
+
+    from conftest import BASELINE_CFG
+    folder = tmp_path / 'parametric_r'
+    folder.mkdir()
+    (folder / 'baseline.py').write_text(f'_base_ = [{BASELINE_CFG!r}]\n')
+    torch.manual_seed(0)
+    model = init_model(BASELINE_CFG, None, device='cpu')
+    torch.save(dict(meta=dict(), state_dict=model.state_dict()), folder / 'iter_1.pth')
+    (folder / 'last_checkpoint').write_text(str(folder / 'iter_1.pth'))
+    module = bench()
+    assert module.main(['--data-root', CAMVID_MINI, '--images', '2', '--fills', 'magenta',
+                        '--work-dirs', str(folder)]) == 0
+    row, = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith('| parametric_r |')]
+    assert '| energy |' in row
+    low, mean, high = (float(v) for v in row.strip('| ').split(' | ')[2:])
+    model = init_model(str(folder / 'baseline.py'), str(folder / 'iter_1.pth'), device='cpu')
+    expected = []
+    for _, img, core, scene in module.noise_patch_images(CAMVID_MINI, 2, fill='magenta'):
+        logits = inference_model(model, img).seg_logits.data.double()
+        energy = (-torch.logsumexp(logits, dim=0)).numpy()
+        expected.append(100 * auroc_by_hand(energy[core], energy[scene]))
+    assert (low, mean, high) == pytest.approx(
+        (min(expected), np.mean(expected), max(expected)), abs=0.051)

@@ -4,7 +4,8 @@ Training data, batch size, crop size, schedule and architecture are read from ea
 (Config.fromfile, so they cannot drift from it); the mIoU figures are the paper's (Tables 1-3
 and 5(d), "mIoU(paper)") or, for the authors' checkpoint, their README's ("mIoU(authors)"):
 no checkpoint trained by this package is released, so no row has our own result or weights.
-``--check`` exits 1 if the file differs from what it would write (run by the tests).
+``--check`` exits 1 if the file differs from what it would write (the tests compare
+:func:`metafile_text` with the file in their process).
 
     python tools/dev/make_metafile.py [--check]
 """
