@@ -302,6 +302,14 @@ def inference_row(ch, args, device):
     return f'| {ch} | ' + ' | '.join(cells) + ' |'
 
 
+def print_table(columns, rows, title: str = '') -> None:
+    """A markdown table (after ``title`` and a blank line, if given), its separator row as
+    wide as ``columns``."""
+    print(f'\n{title}\n' * bool(title) + '\n| ' + ' | '.join(columns) + ' |')
+    print('|' + '---|' * len(columns))
+    print('\n'.join(rows))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--channels', type=int, nargs='+', default=[256, 768],
@@ -340,20 +348,16 @@ def main():
           f'{args.repeats} training steps / {args.infer_repeats} inferences')
     if args.compare_fused:
         rows = [fused_row(ch, args, device) for ch in args.channels]
-        print('\n| decoder width | train base (s) | train ProtoSeg fused (s) | '
-              'train ProtoSeg unfused (s) | ratio to base, fused / unfused | '
-              'fused saves (s) | share of the unfused step |')
-        print('|' + '---|' * 7)
-        print('\n'.join(rows))
+        print_table(['decoder width', 'train base (s)', 'train ProtoSeg fused (s)',
+                     'train ProtoSeg unfused (s)', 'ratio to base, fused / unfused',
+                     'fused saves (s)', 'share of the unfused step'], rows)
         return
     if args.compare_inference:
         rows = [inference_row(ch, args, device) for ch in args.channels]
-        print('\n| decoder width | infer base (s) | infer slabs (s) | infer blocks (s) | '
-              'ratio to base, slabs / blocks | blocks save | head base (s) | '
-              'head slabs (s) | head blocks (s) | head ratio, slabs / blocks | '
-              'blocks save (head) |')
-        print('|' + '---|' * 11)
-        print('\n'.join(rows))
+        print_table(['decoder width', 'infer base (s)', 'infer slabs (s)', 'infer blocks (s)',
+                     'ratio to base, slabs / blocks', 'blocks save', 'head base (s)',
+                     'head slabs (s)', 'head blocks (s)', 'head ratio, slabs / blocks',
+                     'blocks save (head)'], rows)
         return
     rows, prof_rows, head_rows, compile_rows = [], [], [], []
     sizes = {150 * args.k, 150}
@@ -431,28 +435,19 @@ def main():
         if args.compile:
             compile_rows += compiled_head_rows(models, feats, samples, ch,
                                                2 * args.repeats, device)
-    print('\n| decoder width | params base / proto (M) | train base (s) | '
-          'train proto (s) | train ratio | infer base (s) | infer proto (s) | '
-          'infer ratio | GFLOPs base / proto | FLOP ratio |')
-    print('|' + '---|' * 10)
-    print('\n'.join(rows))
-    print('\nWhole model:\n\n| decoder width | step | added time (s) | '
-          'similarity matmuls (s) | everything else (s) | else / added |')
-    print('|' + '---|' * 6)
-    print('\n'.join(prof_rows))
-    print('\nDecode head alone (fixed backbone features):\n\n'
-          '| decoder width | step | base head (s) | ProtoSeg head (s) | '
-          'added time (s) | similarity matmuls (s) | everything else (s) | '
-          'else / added |')
-    print('|' + '---|' * 8)
-    print('\n'.join(head_rows))
+    print_table(['decoder width', 'params base / proto (M)', 'train base (s)',
+                 'train proto (s)', 'train ratio', 'infer base (s)', 'infer proto (s)',
+                 'infer ratio', 'GFLOPs base / proto', 'FLOP ratio'], rows)
+    print_table(['decoder width', 'step', 'added time (s)', 'similarity matmuls (s)',
+                 'everything else (s)', 'else / added'], prof_rows, 'Whole model:')
+    print_table(['decoder width', 'step', 'base head (s)', 'ProtoSeg head (s)',
+                 'added time (s)', 'similarity matmuls (s)', 'everything else (s)',
+                 'else / added'], head_rows, 'Decode head alone (fixed backbone features):')
     if compile_rows:
-        print('\nDecode head training step, eager and torch.compile:\n\n'
-              '| decoder width | mode | base head (s) | ProtoSeg head (s) | '
-              'ratio | base graphs / breaks | ProtoSeg graphs / breaks | '
-              'compile time, both (s) |')
-        print('|' + '---|' * 8)
-        print('\n'.join(compile_rows))
+        print_table(['decoder width', 'mode', 'base head (s)', 'ProtoSeg head (s)', 'ratio',
+                     'base graphs / breaks', 'ProtoSeg graphs / breaks',
+                     'compile time, both (s)'], compile_rows,
+                    'Decode head training step, eager and torch.compile:')
 
 
 if __name__ == '__main__':
